@@ -1,0 +1,382 @@
+"""Plain, frozen, versioned records passed between stages.
+
+Every record serialises to ``{"_type": name, "_version": n, "_data": {...}}`` and is rebuilt only
+if its type is in the allow-list below (never by importing a name found in a file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FLOAT_BITS = 32
+VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16, FLOAT_BITS)
+OP_KINDS = ("conv", "dwconv", "linear")
+
+
+class RecordError(ValueError):
+    """A record (plan, LUT row, config) is malformed; the message says what and where."""
+
+
+@dataclass(frozen=True, order=True)
+class Precision:
+    """Weight and activation bit-widths of one layer; 32 means float."""
+
+    w_bits: int
+    a_bits: int
+
+    _version = 1
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            bits = getattr(self, name)
+            if isinstance(bits, bool) or not isinstance(bits, int):
+                raise RecordError(f"Precision.{name} must be an int, got {bits!r}")
+            if bits not in VALID_BITS:
+                raise RecordError(f"Precision.{name}={bits} is not one of {VALID_BITS}")
+
+    @property
+    def is_float(self) -> bool:
+        return self.w_bits == FLOAT_BITS and self.a_bits == FLOAT_BITS
+
+    @property
+    def label(self) -> str:
+        """Short human and column label: ``fp32``, ``w8a8``, ``w4a32``."""
+        return "fp32" if self.is_float else f"w{self.w_bits}a{self.a_bits}"
+
+    @classmethod
+    def parse(cls, text: str) -> Precision:
+        """Inverse of :attr:`label` (also accepts ``8`` for w8a8 and ``32``/``fp32`` for float)."""
+        t = text.strip().lower()
+        if t in ("fp32", "float", "32"):
+            return cls(FLOAT_BITS, FLOAT_BITS)
+        if t.isdigit():
+            return cls(int(t), int(t))
+        if t.startswith("w") and "a" in t:
+            w, a = t[1:].split("a", 1)
+            if w.isdigit() and a.isdigit():
+                return cls(int(w), int(a))
+        raise RecordError(f"cannot parse precision {text!r}; use e.g. fp32, w8a8, w4a8, 8")
+
+
+FP32 = Precision(FLOAT_BITS, FLOAT_BITS)
+W8A8 = Precision(8, 8)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One quantizable layer as the hardware sees it: shapes only, plus its place in the model."""
+
+    fqn: str
+    kind: str  # conv | dwconv | linear
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    in_hw: tuple[int, int] = (1, 1)
+    out_hw: tuple[int, int] = (1, 1)
+    batch: int = 1
+    bias: bool = True
+    macs: int = 0
+    params: int = 0
+
+    _version = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in OP_KINDS:
+            raise RecordError(f"LayerSpec {self.fqn!r}: kind {self.kind!r} is not one of {OP_KINDS}")
+        for name in ("kernel", "stride", "padding", "dilation", "in_hw", "out_hw"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+
+    @property
+    def shape_fields(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel": list(self.kernel), "stride": list(self.stride), "padding": list(self.padding),
+            "dilation": list(self.dilation), "groups": self.groups, "in_hw": list(self.in_hw),
+            "batch": self.batch, "bias": self.bias,
+        }
+
+    @property
+    def signature(self) -> str:
+        """Stable hash of the shape fields: identical layers share one measurement."""
+        blob = json.dumps(self.shape_fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (self.batch, self.in_channels)
+        return (self.batch, self.in_channels, *self.in_hw)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (self.batch, self.out_channels)
+        return (self.batch, self.out_channels, *self.out_hw)
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A data edge between two quantizable layers (the consumer reads the producer's output,
+    possibly through elementwise ops, pooling or a residual add)."""
+
+    src: str
+    dst: str
+    tensor_shape: tuple[int, ...]
+
+    _version = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensor_shape", tuple(int(v) for v in self.tensor_shape))
+
+    @property
+    def signature(self) -> str:
+        return hashlib.sha256(json.dumps(list(self.tensor_shape)).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """The frozen measurement protocol, stored with every measurement."""
+
+    warmup: int = 30
+    number: int = 1
+    repeat: int = 100
+    min_repeat_ms: float = 0.0
+    threads: int = 1
+    timeout_s: float = 60.0
+    statistic: str = "median"
+
+    _version = 1
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.number < 1 or self.repeat < 1 or self.threads < 1:
+            raise RecordError(f"MeasureConfig needs warmup>=0, number>=1, repeat>=1, threads>=1: {self}")
+        if self.statistic != "median":
+            raise RecordError("MeasureConfig.statistic: only 'median' is quoted")
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timed (signature, precision) on one device. Units are in the field names."""
+
+    signature: str
+    precision: Precision
+    target: str
+    device: str  # device fingerprint
+    latency_ms: float | None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    n: int = 0
+    energy_mj: float | None = None
+    energy_source: str = "modeled"  # measured | modeled
+    config: MeasureConfig = field(default_factory=MeasureConfig)
+    kind: str = "layer"  # layer | transition | overhead
+    emulated: bool = False
+    error_msg: str | None = None
+    versions: Mapping[str, str] = field(default_factory=dict)
+    time_unix: float = 0.0
+
+    _version = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.error_msg is None and self.latency_ms is not None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    artifact: str | None
+    error_msg: str | None = None
+
+    _version = 1
+
+
+@dataclass(frozen=True)
+class RunResult:
+    latencies_ms: tuple[float, ...] | None
+    error_msg: str | None = None
+
+    _version = 1
+
+
+@dataclass(frozen=True)
+class BitPlan:
+    """Ordered per-layer precisions, keyed by fully-qualified module name (like torchao's FqnToConfig)."""
+
+    layers: tuple[tuple[str, Precision], ...]
+    model: str = ""
+    target: str = ""
+    notes: str = ""
+
+    _version = 1
+
+    def __post_init__(self) -> None:
+        seen = set()
+        for item in self.layers:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Precision)):
+                raise RecordError(f"BitPlan entry must be (fqn, Precision), got {item!r}")
+            if item[0] in seen:
+                raise RecordError(f"BitPlan names layer {item[0]!r} twice")
+            seen.add(item[0])
+
+    @classmethod
+    def from_dict(cls, mapping: Mapping[str, Precision], **kw: str) -> BitPlan:
+        return cls(tuple(mapping.items()), **kw)
+
+    @classmethod
+    def uniform(cls, fqns: Iterable[str], precision: Precision, **kw: str) -> BitPlan:
+        return cls(tuple((f, precision) for f in fqns), **kw)
+
+    def as_dict(self) -> dict[str, Precision]:
+        return dict(self.layers)
+
+    def __getitem__(self, fqn: str) -> Precision:
+        return self.as_dict()[fqn]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def validate_against(self, fqns: Iterable[str], allowed: Mapping[str, Iterable[Precision]] | None = None) -> None:
+        """Refuse a plan that names layers the model lacks, misses layers, or uses precisions a target
+        cannot run for that layer (``allowed``: fqn -> precisions)."""
+        names = list(fqns)
+        plan = self.as_dict()
+        unknown = [f for f in plan if f not in names]
+        if unknown:
+            raise RecordError(f"plan names layers the model does not have: {unknown}; model layers: {names}")
+        missing = [f for f in names if f not in plan]
+        if missing:
+            raise RecordError(f"plan has no precision for layers: {missing}")
+        if allowed is not None:
+            for f, p in plan.items():
+                ok = list(allowed.get(f, ()))
+                if p not in ok:
+                    raise RecordError(
+                        f"plan layer {f!r}: {p.label} cannot run on the target; allowed: {[q.label for q in ok]}"
+                    )
+
+
+# ---------------------------------------------------------------- versioned JSON
+
+_REGISTRY: dict[str, type] = {
+    c.__name__: c
+    for c in (Precision, LayerSpec, Edge, MeasureConfig, Measurement, BuildResult, RunResult, BitPlan)
+}
+
+
+def register_record(cls: type) -> type:
+    """Allow-list another frozen dataclass for :func:`from_json` (call explicitly, not at import of
+    unrelated modules)."""
+    _REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        data = {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"_type": type(obj).__name__, "_version": getattr(obj, "_version", 1), "_data": data}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+def from_jsonable(obj: Any, where: str = "$") -> Any:
+    if isinstance(obj, dict) and "_type" in obj:
+        name = obj.get("_type")
+        cls = _REGISTRY.get(name)
+        if cls is None:
+            raise RecordError(f"{where}: unknown record type {name!r}; known: {sorted(_REGISTRY)}")
+        version = obj.get("_version")
+        if version != getattr(cls, "_version", 1):
+            raise RecordError(f"{where}: {name} version {version!r} is not supported (expected {cls._version})")
+        data = obj.get("_data")
+        if not isinstance(data, dict):
+            raise RecordError(f"{where}: {name} has no _data object")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        extra = set(data) - set(fields)
+        if extra:
+            raise RecordError(f"{where}: {name} has unknown fields {sorted(extra)}")
+        kwargs = {k: _coerce(from_jsonable(v, f"{where}.{k}"), fields[k].type) for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise RecordError(f"{where}: cannot build {name}: {e}") from None
+    if isinstance(obj, list):
+        return [from_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        return {k: from_jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+    return obj
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """JSON has no tuples: turn lists back into (nested) tuples where the field is a tuple."""
+    if isinstance(value, list) and "tuple" in str(annotation):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return value
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(to_jsonable(obj), indent=1, sort_keys=False)
+
+
+def from_json(text: str, expected: type | None = None, where: str = "$") -> Any:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{where}: not valid JSON: {e}") from None
+    obj = from_jsonable(raw, where)
+    if expected is not None and not isinstance(obj, expected):
+        raise RecordError(f"{where}: expected a {expected.__name__}, got {type(obj).__name__}")
+    return obj
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_record(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(path, to_json(obj) + "\n")
+
+
+def load_record(path: str | os.PathLike, expected: type | None = None) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise RecordError(f"{p}: no such file")
+    return from_json(p.read_text(), expected, where=str(p))
+
+
+def save_plan(plan: BitPlan, path: str | os.PathLike) -> None:
+    save_record(plan, path)
+
+
+def load_plan(path: str | os.PathLike) -> BitPlan:
+    return load_record(path, BitPlan)

@@ -1,0 +1,56 @@
+"""Name -> factory registry. Factories are registered by the zoo modules listed in ``_MODULES``, which
+are imported on first use (explicitly, not as a side effect of importing hwmpq)."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Callable
+
+from torch import nn
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {}
+_DEFAULT_INPUT: dict[str, tuple[int, int, int, int]] = {}
+_MODULES = ("resnet", "mobilenet", "tiny", "frostnet")
+_loaded = False
+
+
+def register_model(name: str, default_input: tuple[int, int, int, int] = (1, 3, 32, 32)):
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _FACTORIES[name] = fn
+        _DEFAULT_INPUT[name] = default_input
+        return fn
+
+    return deco
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        for m in _MODULES:
+            try:
+                importlib.import_module(f"{__package__}.{m}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{__package__}.{m}":
+                    raise
+        _loaded = True
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    _load()
+    return sorted(n for n in _FACTORIES if fnmatch.fnmatch(n, pattern))
+
+
+def default_input_shape(name: str, in_chans: int | None = None) -> tuple[int, int, int, int]:
+    _load()
+    n, c, h, w = _DEFAULT_INPUT[name]
+    return (n, in_chans or c, h, w)
+
+
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Build a zoo model by name; unknown names get the list of known ones."""
+    _load()
+    if name not in _FACTORIES:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())} "
+                       "(or pass path/to/file.py:factory)")
+    return _FACTORIES[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
