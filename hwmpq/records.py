@@ -186,6 +186,7 @@ class Measurement:
     energy_source: str = "modeled"  # measured | modeled
     config: MeasureConfig = field(default_factory=MeasureConfig)
     kind: str = "layer"  # layer | transition | overhead
+    src_precision: Precision | None = None  # transitions only: the producer's precision (``precision`` is the consumer's)
     emulated: bool = False
     error_msg: str | None = None
     versions: Mapping[str, str] = field(default_factory=dict)

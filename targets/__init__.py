@@ -1,0 +1,32 @@
+"""Backends. ``get_target(name)`` resolves ``fake``, ``ort-x86`` and ``tvm:PRESET`` lazily (no backend
+library is imported until its target is asked for)."""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import DeviceInfo, ExportResult, Target, TargetPrecisions
+
+# name prefix -> "module:factory"; the factory takes the text after ':' (if any) and keyword options
+_TARGETS = {
+    "fake": "hwmpq.targets.fake:FakeTarget",
+    "ort-x86": "hwmpq.targets.ort.target:OrtTarget",
+    "tvm": "hwmpq.targets.tvm.target:TvmTarget",
+}
+
+
+class UnknownTargetError(ValueError):
+    pass
+
+
+def get_target(name: str, **options) -> Target:
+    """``fake`` | ``ort-x86`` | ``tvm:PRESET`` (e.g. ``tvm:host``, ``tvm:arm-a72``)."""
+    prefix, _, rest = name.partition(":")
+    if prefix not in _TARGETS:
+        raise UnknownTargetError(f"unknown target {name!r}; known: fake, ort-x86, tvm:PRESET")
+    module, _, factory = _TARGETS[prefix].partition(":")
+    cls = getattr(importlib.import_module(module), factory)
+    return cls(rest, **options) if rest else cls(**options)
+
+
+__all__ = ["DeviceInfo", "ExportResult", "Target", "TargetPrecisions", "UnknownTargetError", "get_target"]

@@ -65,3 +65,12 @@ class Target(Protocol):
     def build_layer(self, spec: LayerSpec, precision: Precision) -> BuildResult: ...
 
     def run(self, build: BuildResult, config: MeasureConfig) -> RunResult: ...
+
+
+# Optional methods a real backend adds (the profiler and the search check with hasattr):
+#   build_transition(shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult
+#       what it costs to hand a tensor of ``shape`` from a layer at ``src`` to one at ``dst``
+#   build_overhead() -> BuildResult        the per-model constant (an empty session, I/O binding)
+#   energy(spec, precision, latency_ms) -> tuple[float | None, str]   (energy_mj, "measured"|"modeled")
+#   export(model, plan, example_input, out_dir, **options) -> ExportResult
+#   measure_artifact(export: ExportResult, config: MeasureConfig) -> RunResult
