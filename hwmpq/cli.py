@@ -16,7 +16,8 @@ _COMMAND_MODULES = (
     "hwmpq.profilers.cli",  # profile
     "hwmpq.lut.cli",  # lut show/export/import/merge/validate
     "hwmpq.targets.cli",  # export
-    "hwmpq.search.cli",  # search, demo, pareto
+    "hwmpq.search.cli",  # search, demo
+    "hwmpq.search.pareto_cli",  # pareto pick
 )
 
 
