@@ -1,0 +1,179 @@
+"""LUT rows as pandas frames; export to Parquet/CSV, import and merge (refusing foreign rows unless forced).
+
+Parquet files carry the LUT meta (schema version, target, device and its details) in their schema
+metadata under ``hwmpq_meta``; CSV files are plain tables (every row still names its device, target
+and schema version, but the device details are not kept).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .store import COLUMNS, CorruptLutError, ForeignLutError, LutError, LutStore, row_to_measurement
+
+FORMATS = ("parquet", "csv")
+_META_KEY = b"hwmpq_meta"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _label(w: Any, a: Any) -> str | None:
+    if w is None or pd.isna(w) or int(w) == 0:
+        return None
+    return "fp32" if int(w) == 32 and int(a) == 32 else f"w{int(w)}a{int(a)}"
+
+
+def rows_frame(rows: list[dict[str, Any]], shapes: dict[tuple[str, str], str] | None = None) -> pd.DataFrame:
+    """A frame of stored rows: one row per measurement, numeric columns numeric, ``emulated``/``ok`` bool,
+    ``src_w_bits``/``src_a_bits`` missing (<NA>) where there is no source precision."""
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    for c in ("latency_ms", "p10_ms", "p90_ms", "energy_mj", "time_unix", "min_repeat_ms", "timeout_s"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    for c in ("w_bits", "a_bits", "n", "schema_version", "warmup", "number", "repeat", "threads"):
+        df[c] = pd.to_numeric(df[c]).astype("int64")
+    for c in ("src_w_bits", "src_a_bits"):
+        df[c] = pd.to_numeric(df[c]).astype("Int64").mask(lambda s: s == 0)
+    df["emulated"] = df["emulated"].astype(bool)
+    df["precision"] = [_label(w, a) for w, a in zip(df["w_bits"], df["a_bits"], strict=True)]
+    df["src_precision"] = [_label(w, a) for w, a in zip(df["src_w_bits"], df["src_a_bits"], strict=True)]
+    df["ok"] = df["error_msg"].isna() & df["latency_ms"].notna()
+    shapes = shapes or {}
+    df["shape"] = [shapes.get((k, s)) for k, s in zip(df["kind"], df["signature"], strict=True)]
+    return df
+
+
+def _atomic_output(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def export_lut(store: LutStore, path: str | os.PathLike, fmt: str = "parquet") -> int:
+    """Write every row of ``store`` to ``path`` (atomically); returns the number of rows."""
+    if fmt not in FORMATS:
+        raise LutError(f"export format {fmt!r} is not one of {FORMATS}")
+    df = store.frame()
+    if fmt == "csv":
+        _atomic_output(Path(path), lambda tmp: df.to_csv(tmp, index=False))
+        return len(df)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[_META_KEY] = json.dumps(store.meta, sort_keys=True).encode()
+    table = table.replace_schema_metadata(meta)
+    _atomic_output(Path(path), lambda tmp: pq.write_table(table, tmp))
+    return len(df)
+
+
+def read_export(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, str]]:
+    """(rows, LUT meta) of an exported file; the format comes from the suffix (.parquet, .csv)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LutError(f"{p}: no such file to import")
+    try:
+        if p.suffix.lower() == ".csv":
+            return pd.read_csv(p, dtype={"signature": str, "device": str, "config_key": str}), {}
+        if p.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(p)
+            raw = (table.schema.metadata or {}).get(_META_KEY)
+            return table.to_pandas(), (json.loads(raw) if raw else {})
+    except Exception as e:  # pyarrow and pandas raise many types for a damaged file
+        raise CorruptLutError(f"{p}: not a readable LUT export ({type(e).__name__}: {e})") from None
+    raise LutError(f"{p}: unknown export format {p.suffix!r}; use .parquet or .csv")
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    added: int  # keys the destination did not have
+    replaced: int  # keys where the incoming row was better (ok over failed, else newer)
+    kept: int  # keys where the destination's row stayed
+    foreign: int  # incoming rows of another device/target/schema (taken only with force)
+
+
+def _better(new: Any, old: Any) -> bool:
+    if new.ok != old.ok:
+        return new.ok
+    return new.time_unix > old.time_unix
+
+
+def _absorb(into: LutStore, incoming: list, shapes: dict, source: str, force: bool) -> MergeReport:
+    mine = into.meta
+    ident = (mine["device"], mine["target"])
+    foreign = [m for m in incoming if (m.device, m.target) != ident]
+    if foreign and not force:
+        f = foreign[0]
+        raise ForeignLutError(
+            f"{source}: {len(foreign)} of {len(incoming)} rows come from another device or target "
+            f"(e.g. device {f.device}, target {f.target!r}; {into.path} holds device {ident[0]}, target "
+            f"{ident[1]!r}); pass --force (force=True) to take them knowingly")
+    if foreign:
+        warnings.warn(f"{source}: taking {len(foreign)} rows of another device/target (--force)", stacklevel=3)
+    current = {_key(m): m for m in into.measurements(all_rows=True)}
+    take, added, replaced = [], 0, 0
+    for m in incoming:
+        old = current.get(_key(m))
+        if old is None or _better(m, old):
+            take.append(m)
+            added, replaced = added + (old is None), replaced + (old is not None)
+            current[_key(m)] = m
+    into.add_many(take)
+    for (kind, sig), desc in shapes.items():
+        into.note_shape(kind, sig, desc)
+    return MergeReport(added, replaced, len(incoming) - len(take), len(foreign))
+
+
+def _key(m: Any) -> tuple:
+    src = (m.src_precision.w_bits, m.src_precision.a_bits) if m.src_precision else (0, 0)
+    return (m.device, m.target, m.kind, m.signature, m.precision.w_bits, m.precision.a_bits, *src, m.config.key)
+
+
+def import_lut(path: str | os.PathLike, into: LutStore, force: bool = False) -> MergeReport:
+    """Add the rows of an exported file to ``into`` in one transaction; rows of another device, target
+    or schema version are refused unless ``force``."""
+    df, meta = read_export(path)
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise CorruptLutError(f"{path}: not an hwmpq LUT export; missing columns {missing}")
+    versions = {int(v) for v in df["schema_version"].dropna().unique()}
+    if versions - {into.schema_version} and not force:
+        raise ForeignLutError(f"{path}: rows of schema version {sorted(versions)}, {into.path} is version "
+                              f"{into.schema_version}; pass --force (force=True) to take them knowingly")
+    df = df.astype(object).where(df.notna(), None)
+    for c in ("src_w_bits", "src_a_bits"):
+        df[c] = [0 if v is None else v for v in df[c]]
+    records = df.to_dict("records")
+    incoming = [row_to_measurement(r, where=f"{path} row {i}") for i, r in enumerate(records)]
+    shapes = {(r["kind"], r["signature"]): r["shape"] for r in records if r.get("shape")}
+    return _absorb(into, incoming, shapes, str(path), force)
+
+
+def merge(a: LutStore, b: LutStore, *, force: bool = False) -> MergeReport:
+    """Merge the rows of ``b`` into ``a`` (in place, one transaction). For a key both hold, a successful
+    measurement beats a failed one, otherwise the newer one wins."""
+    if b.schema_version != a.schema_version and not force:
+        raise ForeignLutError(f"{b.path} is schema version {b.schema_version}, {a.path} is "
+                              f"{a.schema_version}; pass --force (force=True) to merge knowingly")
+    return _absorb(a, b.measurements(all_rows=True), b.shapes(), str(b.path), force)
