@@ -1,0 +1,212 @@
+"""Foundation commands: ``hwmpq zoo list``, ``hwmpq graph``, ``hwmpq train`` (float and QAT).
+
+Heavy imports (torch, the zoo, data) happen inside the commands, so ``hwmpq --help`` stays fast. Errors the
+user can fix (bad --model, missing dataset, malformed plan) are printed as one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+MODEL_HELP = "zoo name (see `hwmpq zoo list`) or path/to/file.py:factory"
+SHAPE_HELP = "input shape N,C,H,W (default: the zoo model's own; required for a file model)"
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exception types whose message is meant for the user (every one a ValueError/FileNotFoundError)."""
+    from .data import DatasetMissingError
+    from .graph import UnsupportedModelError
+    from .modelspec import ModelLoadError
+    from .records import RecordError
+    from .train import CheckpointError, NonFiniteLossError
+
+    return (DatasetMissingError, UnsupportedModelError, ModelLoadError, RecordError, CheckpointError,
+            NonFiniteLossError, ValueError)
+
+
+def zoo_list(pattern: str = typer.Argument("*", help="glob over model names, e.g. '*resnet*'")) -> None:
+    """List the zoo models matching PATTERN with their default input shapes."""
+    from .zoo.registry import default_input_shape, list_models
+
+    names = list_models(pattern)
+    if not names:
+        _fail(f"no zoo model matches {pattern!r}; known: {', '.join(list_models())}")
+    for name in names:
+        typer.echo(f"{name:<20} {','.join(map(str, default_input_shape(name)))}")
+
+
+def build_model(model: str, input_shape: str | None, weights: str | None = None,
+                num_classes: int = 10):
+    """(model, example input) from the --model/--input-shape/--weights options shared by commands."""
+    import torch
+
+    from .modelspec import ModelLoadError, default_shape, load_model, parse_input_shape
+
+    shape = parse_input_shape(input_shape)
+    if shape is None:
+        shape = default_shape(model)
+        if shape is None:
+            raise ModelLoadError(f"--model {model!r} is not a zoo model: give --input-shape N,C,H,W")
+    m = load_model(model, num_classes=num_classes, in_chans=shape[1], weights=weights)
+    return m, torch.zeros(shape)
+
+
+def graph(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+          input_shape: Optional[str] = typer.Option(None, "--input-shape", help=SHAPE_HELP),  # noqa: UP045
+          weights: Optional[str] = typer.Option(None, "--weights", help="state dict to load (weights only)"),  # noqa: UP045
+          json_out: Optional[Path] = typer.Option(None, "--json", help="also write the LayerSpecs as JSON"),  # noqa: UP045
+          ) -> None:
+    """Print the layer table (fqn, kind, input/output shape, MACs, params) and totals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .graph import layer_graph
+    from .records import atomic_write_text, to_json
+
+    try:
+        m, x = build_model(model, input_shape, weights)
+        specs = layer_graph(m, x)
+    except _user_errors() as e:
+        _fail(str(e))
+    table = Table(title=f"{model} @ {'x'.join(map(str, x.shape))}")
+    for col in ("fqn", "kind", "in", "out", "k/s/g", "MACs", "params"):
+        table.add_column(col, justify="right" if col in ("MACs", "params") else "left")
+    for s in specs:
+        table.add_row(s.fqn, s.kind, "x".join(map(str, s.input_shape)), "x".join(map(str, s.output_shape)),
+                      f"{s.kernel[0]}x{s.kernel[1]}/{s.stride[0]}/{s.groups}", f"{s.macs:,}", f"{s.params:,}")
+    total_macs, total_params = sum(s.macs for s in specs), sum(s.params for s in specs)
+    table.add_section()
+    table.add_row(f"total ({len(specs)} layers)", "", "", "", "", f"{total_macs:,}", f"{total_params:,}")
+    Console(width=160).print(table)
+    typer.echo(f"layers={len(specs)} macs={total_macs} params={total_params}")
+    if json_out:
+        atomic_write_text(json_out, to_json(specs) + "\n")
+
+
+def _limit(splits, n: int | None):
+    """The first ``n`` training images, n // 5 validation and n test images (quick runs)."""
+    import dataclasses
+
+    from torch.utils.data import TensorDataset
+
+    if n is None:
+        return splits
+    if n < 1:
+        raise ValueError(f"--limit must be >= 1, got {n}")
+
+    def head(ds: TensorDataset, k: int) -> TensorDataset:
+        return TensorDataset(*(t[:k] for t in ds.tensors))
+
+    return dataclasses.replace(splits, train=head(splits.train, n), val=head(splits.val, max(1, n // 5)),
+                               test=head(splits.test, n))
+
+
+def _load_plan_for(model, example, plan_path: Path):
+    """The plan in ``plan_path``, checked against the model's quantizable layers (errors name the file)."""
+    from .graph import fqns, layer_graph
+    from .records import RecordError, load_plan
+
+    plan = load_plan(plan_path)
+    try:
+        plan.validate_against(fqns(layer_graph(model, example)))
+    except RecordError as e:
+        raise RecordError(f"{plan_path}: {e}") from None
+    return plan
+
+
+def _qat_hooks(model, sam: bool, rho: float, stat_assist: bool, grad_boost: bool) -> dict:
+    """fit() keywords for SAM / StatAssist / GradBoost from hwmpq.qat_options (engineer F's part)."""
+    if not (sam or stat_assist or grad_boost):
+        return {}
+    from . import qat_options
+
+    if not hasattr(qat_options, "fit_hooks"):
+        raise ValueError("--sam/--stat-assist/--grad-boost are not available yet: hwmpq.qat_options.fit_hooks "
+                         "is not built in this version")
+    options = qat_options.QATOptions(sam=sam, rho=rho, stat_assist=stat_assist, grad_boost=grad_boost)
+    return dict(qat_options.fit_hooks(options, model))
+
+
+def _summary(out: Path, args: dict, result, test_acc: float, wall_s: float) -> dict:
+    from .records import atomic_write_text, to_jsonable
+
+    summary = {"args": args, "test_acc": test_acc, "wall_s": wall_s, "result": to_jsonable(result)}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def train(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+          data: str = typer.Option(..., "--data", help="fashion-mnist | digits"),
+          epochs: int = typer.Option(..., "--epochs", help="total epochs (a resumed run counts the done ones)"),
+          out: Path = typer.Option(..., "--out", help="checkpoint, rewritten atomically after every epoch; "
+                                   "a summary goes to the same name with .json"),
+          resume: bool = typer.Option(False, "--resume", help="continue from --out if it exists"),
+          lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default 0.05, QAT 0.01)"),  # noqa: UP045
+          batch_size: int = typer.Option(128, "--batch-size"),
+          seed: int = typer.Option(0, "--seed"),
+          limit: Optional[int] = typer.Option(None, "--limit", help="use only N training/test images"),  # noqa: UP045
+          weights: Optional[str] = typer.Option(None, "--weights", help="initial weights (e.g. the float model for QAT)"),  # noqa: UP045
+          save_weights: Optional[Path] = typer.Option(None, "--save-weights", help="also write the final state dict here"),  # noqa: UP045
+          qat: bool = typer.Option(False, "--qat", help="quantize by --plan, calibrate, then fine-tune"),
+          plan: Optional[Path] = typer.Option(None, "--plan", help="BitPlan JSON (with --qat)"),  # noqa: UP045
+          sam: bool = typer.Option(False, "--sam", help="QAT with sharpness-aware minimisation"),
+          rho: float = typer.Option(0.05, "--rho", help="SAM neighbourhood radius"),
+          stat_assist: bool = typer.Option(False, "--stat-assist", help="FrostNet StatAssist"),
+          grad_boost: bool = typer.Option(False, "--grad-boost", help="FrostNet GradBoost gradient noise"),
+          progress: bool = typer.Option(True, "--progress/--no-progress"),
+          ) -> None:
+    """Train a model (float), or QAT fine-tune it with --qat --plan; prints val/test accuracy."""
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    if qat != (plan is not None):
+        _fail("--qat and --plan go together: --qat --plan plan.json")
+    if (sam or stat_assist or grad_boost) and not qat:
+        _fail("--sam/--stat-assist/--grad-boost apply to QAT: add --qat --plan plan.json")
+    try:
+        summary = _train(args, lr if lr is not None else (0.01 if qat else 0.05))
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(f"val acc {summary['result']['_data']['val_acc']:.4f}  test acc {summary['test_acc']:.4f}  "
+               f"wall {summary['wall_s']:.1f} s  checkpoint {out}")
+
+
+def _train(a: dict, lr: float) -> dict:
+    import time
+
+    import torch
+
+    from .data import load_dataset
+    from .modelspec import load_model
+    from .train import evaluate, fit, prepare_qat, save_weights
+
+    t0 = time.perf_counter()
+    splits = _limit(load_dataset(a["data"], seed=a["seed"]), a["limit"])
+    model = load_model(a["model"], num_classes=splits.num_classes, in_chans=splits.input_shape[0],
+                       weights=a["weights"])
+    hooks = {}
+    if a["qat"]:
+        plan = _load_plan_for(model, torch.zeros(1, *splits.input_shape), Path(a["plan"]))
+        prepare_qat(model, plan, splits, batch_size=a["batch_size"], seed=a["seed"])
+        hooks = _qat_hooks(model, a["sam"], a["rho"], a["stat_assist"], a["grad_boost"])
+    result = fit(model, splits, epochs=a["epochs"], lr=lr, batch_size=a["batch_size"], seed=a["seed"],
+                 checkpoint=a["out"], resume=a["resume"], progress=a["progress"], **hooks)
+    test_acc = evaluate(model, splits.loader("test", batch_size=512))
+    if a["save_weights"]:
+        save_weights(model, a["save_weights"])
+    return _summary(Path(a["out"]), {**a, "lr": lr}, result, test_acc, time.perf_counter() - t0)
+
+
+def register(app: typer.Typer) -> None:
+    zoo_app = typer.Typer(help="The model zoo.", no_args_is_help=True)
+    zoo_app.command("list")(zoo_list)
+    app.add_typer(zoo_app, name="zoo")
+    app.command("graph")(graph)
+    app.command("train")(train)
