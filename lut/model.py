@@ -1,0 +1,178 @@
+"""From LUT store rows to the LatencyTable the searches consume: the latency model.
+
+    plan latency = sum_l (layer_ms[l, p_l] - overhead_ms)
+                 + sum_(i->j) T_e[p_i, p_j]
+                 + overhead_ms
+
+- ``layer_ms``: the isolated single-layer session, measured *in context* (integer codes in and out for
+  quantized layers, so no Q/DQ of its own), minus the per-session call overhead that every isolated
+  measurement carries once and a whole model pays once.
+- ``T_e[a, b] = C(a, b) - (C(a, a) + C(b, b)) / 2``: C is a transition row, the time of a two-layer
+  chain on the edge's tensor shape (targets/ort/layers.py: ``transition_model``). It is zero on the
+  diagonal and holds what a precision boundary adds over homogeneous neighbours: Q/DQ, layout changes
+  between integer (NHWC) and float (NCHWc) kernels, lost fusions.
+- ``overhead_ms``: the overhead row (one empty session run).
+
+Edges: pass :func:`edges_through_merges` (edges also across residual adds, where the exporter dequantizes
+and requantizes too) for the best fidelity; ``hwmpq.graph.analyse`` edges stop at merges.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision
+
+from .table import LatencyTable
+
+
+class MissingEntriesError(LookupError):
+    """The store lacks measurements the table needs; ``missing`` lists (layer fqn, precision label)."""
+
+    def __init__(self, missing: list[tuple[str, str]], extra: str = "") -> None:
+        self.missing = missing
+        shown = ", ".join(f"{f}@{p}" for f, p in missing[:12]) + (" ..." if len(missing) > 12 else "")
+        super().__init__(f"the LUT has no measurement for {len(missing)} (layer, precision) pairs: {shown}. "
+                         f"Run `hwmpq profile` for this model and target with the same MeasureConfig{extra}.")
+
+
+class ForeignTableError(ValueError):
+    """The store was measured on another device/target, or under emulation."""
+
+
+def check_origin(store, target, *, allow_foreign: bool = False, allow_emulated: bool = False) -> None:
+    """Refuse a store from another target or device fingerprint, or an emulated one, unless asked."""
+    meta = store.meta
+    problems = []
+    if meta.get("target") not in (None, target.id):
+        problems.append(f"it was measured for target {meta.get('target')!r}, not {target.id!r}")
+    fp = target.device().fingerprint
+    if meta.get("device") not in (None, fp):
+        problems.append(f"its device fingerprint {meta.get('device')!r} is not this device's {fp!r}")
+    if problems and not allow_foreign:
+        raise ForeignTableError("refusing the LUT: " + "; ".join(problems) + ". Profile this device "
+                                "(`hwmpq profile`) or pass allow_foreign=True to use it knowingly.")
+    if str(meta.get("emulated", "")).lower() in ("1", "true") and not allow_emulated:
+        raise ForeignTableError("refusing the LUT: it was measured under emulation (timings are not "
+                                "latencies); pass allow_emulated=True for functional use only")
+
+
+def _ok_latency(m) -> float | None:
+    return m.latency_ms if m is not None and m.ok else None
+
+
+def _candidates(specs: Sequence[LayerSpec], target) -> tuple[Precision, ...]:
+    return tuple(sorted({p for s in specs for p in target.precisions.for_layer(s)}))
+
+
+def _layers(store, specs, cands, config, target, overhead_ms, allow_emulated):
+    lat = np.full((len(specs), len(cands)), np.inf)
+    en = np.zeros_like(lat)
+    missing = []
+    for i, s in enumerate(specs):
+        for j, p in enumerate(cands):
+            if p not in target.precisions.for_layer(s):
+                continue
+            m = store.get("layer", s.signature, p, config)
+            if m is None:
+                missing.append((s.fqn, p.label))
+                continue
+            if m.emulated and not allow_emulated:
+                raise ForeignTableError(f"layer {s.fqn}@{p.label} was measured under emulation")
+            ms = _ok_latency(m)
+            if ms is not None:
+                lat[i, j] = max(ms - overhead_ms, 0.0)
+                en[i, j] = m.energy_mj or 0.0
+    return lat, en, missing
+
+
+def _chain_ms(store, edge: Edge, src: Precision, dst: Precision, config) -> float | None:
+    return _ok_latency(store.get("transition", edge.signature, dst, config, src_precision=src))
+
+
+def transition_matrix(store, edge: Edge, cands, allowed_src, allowed_dst, config) -> tuple[np.ndarray, int]:
+    """[P, P] matrix T_e (zeros where unmeasured) and how many entries were missing."""
+    t = np.zeros((len(cands), len(cands)))
+    missing = 0
+    diag = {p: _chain_ms(store, edge, p, p, config) for p in set(allowed_src) | set(allowed_dst)}
+    fp = _chain_ms(store, edge, FP32, FP32, config)
+    for a in allowed_src:
+        for b in allowed_dst:
+            if a == b:
+                continue
+            c = _chain_ms(store, edge, a, b, config)
+            da = diag[a] if diag[a] is not None else (fp if a.a_bits == 32 else None)
+            db = diag[b] if diag[b] is not None else (fp if b.a_bits == 32 else None)
+            if c is None or da is None or db is None:
+                missing += 1
+                continue
+            t[cands.index(a), cands.index(b)] = c - (da + db) / 2
+    return t, missing
+
+
+def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config: MeasureConfig, target, *,
+                allow_foreign: bool = False, allow_emulated: bool = False) -> LatencyTable:
+    """The LatencyTable of ``specs`` on ``target`` from ``store`` rows measured under ``config``.
+
+    Raises :class:`MissingEntriesError` naming the (layer, precision) pairs without a row, and
+    :class:`ForeignTableError` for a store from another device/target or an emulated one."""
+    check_origin(store, target, allow_foreign=allow_foreign, allow_emulated=allow_emulated)
+    oh = store.get("overhead", "overhead", FP32, config)
+    overhead_ms = _ok_latency(oh)
+    specs = list(specs)
+    cands = _candidates(specs, target)
+    lat, en, missing = _layers(store, specs, cands, config, target, overhead_ms or 0.0, allow_emulated)
+    if overhead_ms is None:
+        missing.append(("<session overhead>", "fp32"))
+    if missing:
+        raise MissingEntriesError(missing)
+    index = {s.fqn: i for i, s in enumerate(specs)}
+    transitions, n_missing, n_total = [], 0, 0
+    for e in edges:
+        if e.src not in index or e.dst not in index:
+            continue
+        i, j = index[e.src], index[e.dst]
+        allowed_i, allowed_j = target.precisions.for_layer(specs[i]), target.precisions.for_layer(specs[j])
+        t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config)
+        n_missing += miss
+        n_total += len(allowed_i) * len(allowed_j)
+        transitions.append((i, j, t))
+    if n_missing:
+        warnings.warn(f"{n_missing} of {n_total} transition entries are not in the LUT (counted as 0 ms); "
+                      "run `hwmpq profile` with transitions to measure them", stacklevel=2)
+    meta = store.meta
+    return LatencyTable(tuple(s.fqn for s in specs), cands, lat, en, tuple(transitions), float(overhead_ms),
+                        target=target.id, device=str(meta.get("device", "")),
+                        emulated=str(meta.get("emulated", "")).lower() in ("1", "true"))
+
+
+def edges_through_merges(model, example_input) -> list[Edge]:
+    """``analyse`` edges plus edges across merges (residual add, concat): the merged tensor counts as
+    produced by the layers feeding the merge directly (not through an earlier merge), because that is
+    where the exporter dequantizes the producer and requantizes for the next consumer."""
+    from hwmpq.graph import QUANTIZABLE, analyse, trace
+
+    specs, base = analyse(model, example_input)
+    shape_of = {s.fqn: s.input_shape for s in specs}
+    gm = trace(model)
+    modules = dict(gm.named_modules())
+    state: dict = {}
+    out = {(e.src, e.dst): e for e in base}
+    for node in gm.graph.nodes:
+        feeding = [state[a] for a in node.all_input_nodes if a in state and state[a][0]]
+        if node.op == "call_module" and isinstance(modules[node.target], QUANTIZABLE):
+            src_state = state.get(node.args[0], (set(), False))
+            for src in sorted(src_state[0]):
+                out.setdefault((src, node.target), Edge(src, node.target, shape_of[node.target]))
+            state[node] = ({node.target}, True)
+        elif len(feeding) > 1:
+            direct = [s for s, d in feeding if d]
+            state[node] = (set().union(*direct) if direct else feeding[0][0], False)
+        elif feeding:
+            state[node] = feeding[0]
+        else:
+            state[node] = (set(), False)
+    return list(out.values())

@@ -1,0 +1,162 @@
+"""Single-layer ONNX graphs for one LayerSpec at one Precision, in the form the exporter emits.
+
+A quantized layer is measured *in context*: its input arrives already as integer codes and its output
+leaves as integer codes (``x_q -> DQ -> Conv(DQ(W), DQ(b)) -> Q -> y_q``), which ORT fuses into one
+QLinearConv/QGemm for uint8 x int8. The float<->integer hand-over (Q, DQ, requantize) is measured apart,
+per tensor shape and precision pair (:func:`transition_model`), so sum(layers) + sum(transitions) +
+session overhead describes the exported whole model. Weights are random but seeded by the signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from hwmpq.records import LayerSpec, Precision
+
+from .qdq import IR_VERSION, OPSET, GraphParts, act_container, matmul_nbits
+
+# typical step sizes; the kernel's speed does not depend on their values
+_IN_SCALE, _OUT_SCALE = 0.02, 0.05
+
+
+def _rng(spec: LayerSpec) -> np.random.Generator:
+    return np.random.default_rng(int(hashlib.sha256(spec.signature.encode()).hexdigest()[:8], 16))
+
+
+def weight_shape(spec: LayerSpec) -> tuple[int, ...]:
+    if spec.kind == "linear":
+        return (spec.out_channels, spec.in_channels)
+    return (spec.out_channels, spec.in_channels // spec.groups, *spec.kernel)
+
+
+def is_weight_only(precision: Precision) -> bool:
+    """int-weight, float-activation layers (MatMulNBits for Linear)."""
+    return precision.w_bits < 32 and precision.a_bits == 32
+
+
+def emit_layer(parts: GraphParts, spec: LayerSpec, src: str, out: str, w: np.ndarray, b: np.ndarray | None) -> str:
+    """Append the float Conv/Gemm reading ``w`` and ``b`` (tensor names) from ``src`` to ``out``."""
+    inputs = [src, w] + ([b] if b is not None else [])
+    if spec.kind == "linear":
+        parts.nodes.append(helper.make_node("Gemm", inputs, [out], name=f"{out}_Gemm", transB=1))
+    else:
+        parts.nodes.append(helper.make_node(
+            "Conv", inputs, [out], name=f"{out}_Conv", kernel_shape=list(spec.kernel), strides=list(spec.stride),
+            pads=[*spec.padding, *spec.padding], dilations=list(spec.dilation), group=spec.groups))
+    return out
+
+
+def emit_quant_layer(parts: GraphParts, spec: LayerSpec, precision: Precision, src_q: str, out_q: str,
+                     w: np.ndarray, bias: np.ndarray | None, w_scales: np.ndarray, in_scale: float,
+                     in_signed: bool, out_scale: float) -> str:
+    """Integer codes in, integer codes out: DQ(x) -> layer(DQ(W), DQ(b)) -> Q (signed output, as
+    hwmpq's out_quant). Returns the output codes' name."""
+    a = precision.a_bits
+    x = parts.dequantize_act(src_q, f"{out_q}_in", in_scale, a, in_signed)
+    wq = parts.dequantized_weight(f"{out_q}_w", w, w_scales, precision.w_bits)
+    bq = None
+    if bias is not None:
+        if precision.w_bits <= 8 and a <= 8 and precision.w_bits != 4:
+            bq = parts.dequantized_bias(f"{out_q}_b", bias, in_scale, w_scales)
+        else:
+            bq = parts.const(f"{out_q}_b", bias.astype(np.float32))
+    y = emit_layer(parts, spec, x, f"{out_q}_float", wq, bq)
+    return parts.quantize_act(y, out_q, out_scale, a, True)
+
+
+def _value_info(name: str, elem: int, shape: tuple[int, ...]):
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def make_model(parts: GraphParts, inputs: list, outputs: list, name: str) -> onnx.ModelProto:
+    graph = helper.make_graph(parts.nodes, name, inputs, outputs, initializer=parts.inits)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="hwmpq")
+
+
+def io_elem(precision: Precision, signed: bool) -> int:
+    """ONNX element type a layer at ``precision`` reads (unsigned codes) or writes (signed codes)."""
+    if precision.a_bits == 32:
+        return TensorProto.FLOAT
+    return act_container(precision.a_bits, signed)[0]
+
+
+def emit_random_layer(parts: GraphParts, spec: LayerSpec, precision: Precision, src: str, out: str,
+                      rng: np.random.Generator) -> str:
+    """Append ``spec`` at ``precision`` with seeded random weights: float in/out for fp32 and weight-only,
+    unsigned codes in and signed codes out for quantized activations."""
+    fan_in = int(np.prod(weight_shape(spec)[1:]))
+    w = (rng.standard_normal(weight_shape(spec)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    b = (rng.standard_normal(spec.out_channels) * 0.1).astype(np.float32) if spec.bias or precision.a_bits < 32 else None
+    if precision.is_float:
+        wn = parts.const(f"{out}_w", w)
+        bn = parts.const(f"{out}_b", b) if b is not None else None
+        return emit_layer(parts, spec, src, out, wn, bn)
+    w_scales = np.maximum(np.abs(w).reshape(len(w), -1).max(axis=1), 1e-8) / (2 ** (precision.w_bits - 1) - 1)
+    if is_weight_only(precision):
+        if spec.kind != "linear" or precision.w_bits != 4:
+            raise ValueError(f"weight-only {precision.label} is only built for linear layers at 4 bits")
+        return matmul_nbits(parts, src, out, w, w_scales.astype(np.float32), b)
+    return emit_quant_layer(parts, spec, precision, src, out, w, b, w_scales.astype(np.float32), _IN_SCALE, False,
+                            _OUT_SCALE)
+
+
+def emit_glue(parts: GraphParts, src_q: str, out: str, src: Precision, dst: Precision) -> str:
+    """What the exporter puts between two layers: DQ of the producer's signed codes (if integer), the
+    ReLU, Q to the consumer's unsigned codes (if integer)."""
+    cur = src_q
+    if src.a_bits < 32:
+        cur = parts.dequantize_act(cur, f"{out}_dq", _OUT_SCALE, src.a_bits, True)
+    parts.nodes.append(helper.make_node("Relu", [cur], [f"{out}_relu"], name=f"{out}_Relu"))
+    cur = f"{out}_relu"
+    if dst.a_bits < 32:
+        cur = parts.quantize_act(cur, f"{out}_q", _IN_SCALE, dst.a_bits, False)
+    return cur
+
+
+def layer_model(spec: LayerSpec, precision: Precision) -> onnx.ModelProto:
+    """The single-layer graph for ``spec`` at ``precision`` (see :func:`emit_random_layer` for I/O)."""
+    parts = GraphParts()
+    emit_random_layer(parts, spec, precision, "x", "y", _rng(spec))
+    return make_model(parts, [_value_info("x", io_elem(precision, False), spec.input_shape)],
+                      [_value_info("y", io_elem(precision, True), spec.output_shape)],
+                      f"{spec.kind}_{spec.signature}_{precision.label}")
+
+
+def stand_in_spec(shape: tuple[int, ...]) -> LayerSpec:
+    """A 1x1 conv (or a linear layer for 2-d tensors) keeping ``shape``: the neighbours in a chain."""
+    if len(shape) == 2:
+        return LayerSpec("stand_in", "linear", shape[1], shape[1], batch=shape[0], bias=True,
+                         macs=shape[0] * shape[1] ** 2, params=shape[1] ** 2)
+    n, c, h, w = shape
+    return LayerSpec("stand_in", "conv", c, c, in_hw=(h, w), out_hw=(h, w), batch=n, bias=False,
+                     macs=n * c * c * h * w, params=c * c)
+
+
+def transition_model(shape: tuple[int, ...], src: Precision, dst: Precision) -> onnx.ModelProto:
+    """A chain ``producer(src) -> glue -> consumer(dst)`` of 1x1 stand-ins on a tensor of ``shape``.
+
+    Its time C(src, dst) includes what a precision boundary costs in context (Q/DQ, ORT's layout
+    changes between NHWC integer kernels and NCHWc float kernels, lost fusions); lut/model.py uses
+    C(src, dst) - (C(src, src) + C(dst, dst)) / 2 as the transition cost, zero when src == dst."""
+    spec = stand_in_spec(tuple(shape))
+    parts = GraphParts()
+    rng = np.random.default_rng(0)
+    a = emit_random_layer(parts, spec, src, "x", "a", rng)
+    g = emit_glue(parts, a, "g", src, dst)
+    emit_random_layer(parts, spec, dst, g, "y", rng)
+    return make_model(parts, [_value_info("x", io_elem(src, False), spec.input_shape)],
+                      [_value_info("y", io_elem(dst, True), spec.output_shape)],
+                      f"transition_{src.label}_{dst.label}")
+
+
+def overhead_model(shape: tuple[int, ...] = (1, 1)) -> onnx.ModelProto:
+    """An Identity session: the fixed cost of one ``InferenceSession.run`` call."""
+    parts = GraphParts()
+    parts.nodes.append(helper.make_node("Identity", ["x"], ["y"], name="identity"))
+    return make_model(parts, [_value_info("x", TensorProto.FLOAT, shape)],
+                      [_value_info("y", TensorProto.FLOAT, shape)], "overhead")

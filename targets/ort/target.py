@@ -1,0 +1,160 @@
+"""The ``ort-x86`` target: ONNX Runtime on the local x86 CPU.
+
+Precisions are data (:data:`ORT_PRECISIONS`). Only w8a8 becomes integer kernels (uint8 activations,
+int8 per-channel weights, QDQ -> QLinearConv/QGemm). w4a8 (native int4 weights) and w16a16 (int16) are
+accepted by ORT but run as float compute between Q/DQ; linear w4a32 is int4 weight-only MatMulNBits.
+They are all offered so that the measured LUT shows what is slow, instead of this file guessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from hwmpq.records import FP32, BitPlan, BuildResult, LayerSpec, MeasureConfig, Precision, RunResult
+
+from ..base import DeviceInfo, ExportResult, TargetPrecisions
+from . import layers
+from .timing import time_model
+
+W8A8, W4A8, W16A16, W4A32 = Precision(8, 8), Precision(4, 8), Precision(16, 16), Precision(4, 32)
+ORT_PRECISIONS = TargetPrecisions(
+    conv=(FP32, W8A8, W4A8, W16A16),
+    dwconv=(FP32, W8A8, W4A8, W16A16),
+    linear=(FP32, W8A8, W4A8, W16A16, W4A32),
+)
+
+
+def cpu_details() -> dict[str, str]:
+    """CPU model and the ISA flags that matter for integer kernels (engineer B's fingerprint helper when
+    present, /proc/cpuinfo otherwise)."""
+    try:
+        from hwmpq.lut.fingerprint import local_cpu_details
+
+        return {str(k): str(v) for k, v in local_cpu_details().items()}
+    except ImportError:
+        pass
+    info = {"machine": platform.machine(), "os": platform.system(), "cores": str(os.cpu_count())}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name") and "cpu_model" not in info:
+            info["cpu_model"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and "flags" not in info:
+            have = set(line.split(":", 1)[1].split())
+            wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
+            info["flags"] = ",".join(f for f in wanted if f in have)
+    return info
+
+
+class OrtTarget:
+    """ONNX Runtime CPU execution provider; ``threads`` is ``intra_op_num_threads`` for every session."""
+
+    id = "ort-x86"
+    precisions = ORT_PRECISIONS
+
+    def __init__(self, threads: int = 1, workdir: str | None = None, **_: object) -> None:
+        if int(threads) < 1:
+            raise ValueError(f"OrtTarget: threads must be >= 1, got {threads}")
+        self.threads = int(threads)
+        self._workdir = workdir
+        self._counter = 0
+
+    # ------------------------------------------------------------ identity
+    def device(self) -> DeviceInfo:
+        import onnxruntime as ort
+
+        from ..energy import powercap_counter
+
+        details = {**cpu_details(), "onnxruntime": ort.__version__, "threads": str(self.threads)}
+        fp = hashlib.sha256(json.dumps(details, sort_keys=True).encode()).hexdigest()[:16]
+        return DeviceInfo(fingerprint=fp, details=details, energy_counter=powercap_counter())
+
+    # ------------------------------------------------------------ building
+    def _dir(self) -> Path:
+        if self._workdir is None:
+            self._workdir = tempfile.mkdtemp(prefix="hwmpq-ort-")
+        Path(self._workdir).mkdir(parents=True, exist_ok=True)
+        return Path(self._workdir)
+
+    def _save(self, model: onnx.ModelProto, stem: str) -> BuildResult:
+        self._counter += 1
+        path = self._dir() / f"{stem}_{self._counter}.onnx"
+        try:
+            onnx.checker.check_model(model)
+            onnx.save(model, path)
+        except Exception as e:  # onnx raises ValidationError and others
+            return BuildResult(None, f"building {stem} failed: {type(e).__name__}: {e}")
+        return BuildResult(str(path))
+
+    def build_layer(self, spec: LayerSpec, precision: Precision) -> BuildResult:
+        if precision not in self.precisions.for_layer(spec):
+            return BuildResult(None, f"ort-x86 cannot run {precision.label} for a {spec.kind} layer; "
+                                     f"allowed: {[p.label for p in self.precisions.for_layer(spec)]}")
+        try:
+            model = layers.layer_model(spec, precision)
+        except ValueError as e:
+            return BuildResult(None, str(e))
+        return self._save(model, f"{spec.kind}_{spec.signature}_{precision.label}")
+
+    def build_transition(self, shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult:
+        return self._save(layers.transition_model(tuple(shape), src, dst), f"transition_{src.label}_{dst.label}")
+
+    def build_overhead(self) -> BuildResult:
+        return self._save(layers.overhead_model(), "overhead")
+
+    # ------------------------------------------------------------ timing
+    def run(self, build: BuildResult, config: MeasureConfig) -> RunResult:
+        if build.artifact is None:
+            return RunResult(None, build.error_msg or "nothing was built")
+        if config.threads != self.threads:
+            return RunResult(None, f"MeasureConfig.threads={config.threads} but this target was made with "
+                                   f"threads={self.threads}; make OrtTarget(threads={config.threads})")
+        return time_model(build.artifact, config)
+
+    def energy(self, spec: LayerSpec, precision: Precision, latency_ms: float | None) -> tuple[float | None, str]:
+        from ..energy import layer_energy
+
+        return layer_energy(spec, precision, latency_ms)
+
+    # ------------------------------------------------------------ whole models
+    def export(self, model, plan: BitPlan, example_input, out_dir: str, **options) -> ExportResult:
+        """``model`` is already ``quantize_``'d with ``plan`` and trained/calibrated (see targets/cli.py)."""
+        from hwmpq.graph import analyse
+
+        from .export import write_export
+
+        specs, _ = analyse(model_float_view(model), example_input)
+        allowed = {s.fqn: self.precisions.for_layer(s) for s in specs}
+        plan.validate_against([s.fqn for s in specs], allowed)
+        return write_export(model, plan, specs, example_input, out_dir, self.threads,
+                            manifest_extra=options.get("manifest_extra"))
+
+    def measure_artifact(self, export: ExportResult, config: MeasureConfig) -> RunResult:
+        """End-to-end latency of an exported model.onnx (input from the manifest's input shape)."""
+        return self.run(BuildResult(export.artifact), config)
+
+    def cleanup(self) -> None:
+        if self._workdir and Path(self._workdir).name.startswith("hwmpq-ort-"):
+            shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def model_float_view(model):
+    """A copy of ``model`` with QuantLayers unwrapped (for shape analysis only)."""
+    import copy
+
+    from hwmpq.qmodules import quant_layers, set_submodule
+
+    plain = copy.deepcopy(model)
+    for fqn, q in quant_layers(plain).items():
+        set_submodule(plain, fqn, q.layer)
+    return plain

@@ -1,0 +1,112 @@
+"""Timing one ONNX model in ONNX Runtime under a MeasureConfig.
+
+Protocol: one session (``intra_op_num_threads = config.threads``, sequential execution, all graph
+optimizations), inputs created once from the session's own input types, ``warmup`` untimed runs, then
+``repeat`` samples; each sample times ``number`` back-to-back runs (raised so that one sample lasts at
+least ``min_repeat_ms``) and records the mean per run. A failure or a timeout is returned as
+``RunResult.error_msg``, never raised.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from hwmpq.records import MeasureConfig, RunResult
+
+_NP = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+       "tensor(int16)": np.int16, "tensor(uint16)": np.uint16, "tensor(int32)": np.int32,
+       "tensor(int64)": np.int64}
+
+
+def session_options(threads: int, optimized_path: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return so
+
+
+def make_session(model_path_or_bytes, threads: int, optimized_path: str | None = None):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model_path_or_bytes, session_options(threads, optimized_path),
+                                providers=["CPUExecutionProvider"])
+
+
+def random_feeds(session, seed: int = 0) -> dict[str, np.ndarray]:
+    """One input per session input, of its declared type and shape (symbolic dims become 1)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in session.get_inputs():
+        dtype = _NP.get(inp.type)
+        if dtype is None:
+            raise ValueError(f"input {inp.name!r} has unsupported type {inp.type}")
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            info = np.iinfo(dtype)
+            feeds[inp.name] = rng.integers(max(info.min, -100), min(info.max, 200), shape).astype(dtype)
+    return feeds
+
+
+def time_session(session, feeds: dict[str, np.ndarray], config: MeasureConfig) -> RunResult:
+    """Warm up, then ``config.repeat`` samples of ``number`` runs (ms per run); timeouts are results."""
+    deadline = time.perf_counter() + config.timeout_s
+    try:
+        for _ in range(config.warmup):
+            session.run(None, feeds)
+            if time.perf_counter() > deadline:
+                return RunResult(None, f"timeout: warm-up exceeded {config.timeout_s} s")
+        number = config.number
+        if config.min_repeat_ms > 0:
+            t0 = time.perf_counter()
+            session.run(None, feeds)
+            one_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+            number = max(number, int(np.ceil(config.min_repeat_ms / one_ms)))
+        samples = []
+        for _ in range(config.repeat):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                session.run(None, feeds)
+            samples.append((time.perf_counter() - t0) * 1e3 / number)
+            if time.perf_counter() > deadline:
+                return RunResult(tuple(samples), f"timeout after {len(samples)} of {config.repeat} samples "
+                                                 f"({config.timeout_s} s)")
+    except Exception as e:  # ORT raises its own types (Fail, InvalidArgument, RuntimeException)
+        return RunResult(None, f"{type(e).__name__}: {e}")
+    return RunResult(tuple(samples))
+
+
+def time_model(model_path_or_bytes, config: MeasureConfig, feeds: dict[str, np.ndarray] | None = None) -> RunResult:
+    """Create a session for the model and time it; session-creation errors are results."""
+    try:
+        session = make_session(model_path_or_bytes, config.threads)
+        feeds = feeds if feeds is not None else random_feeds(session)
+    except Exception as e:
+        return RunResult(None, f"session creation failed: {type(e).__name__}: {e}")
+    return time_session(session, feeds, config)
+
+
+@dataclass(frozen=True)
+class Stats:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    n: int
+
+
+def summarize(latencies_ms) -> Stats:
+    a = np.asarray(latencies_ms, dtype=float)
+    if a.size == 0:
+        raise ValueError("no latencies to summarize")
+    return Stats(float(np.median(a)), float(np.percentile(a, 10)), float(np.percentile(a, 90)), int(a.size))
