@@ -105,6 +105,24 @@ def read_export(path: str | os.PathLike) -> tuple[pd.DataFrame, dict[str, str]]:
     raise LutError(f"{p}: unknown export format {p.suffix!r}; use .parquet or .csv")
 
 
+def copy_lut(store: LutStore, path: str | os.PathLike) -> None:
+    """A consistent copy of ``store`` at ``path`` (SQLite backup API, then an atomic rename)."""
+    import sqlite3
+
+    p = Path(path)
+    if p.exists():
+        raise LutError(f"{p} already exists; choose a new --out path")
+
+    def write(tmp: str) -> None:
+        dst = sqlite3.connect(tmp)
+        try:
+            store._conn.backup(dst)
+        finally:
+            dst.close()
+
+    _atomic_output(p, write)
+
+
 @dataclass(frozen=True)
 class MergeReport:
     added: int  # keys the destination did not have

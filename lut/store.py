@@ -240,6 +240,12 @@ class LutStore:
         with self._transaction():
             self._conn.execute("INSERT OR REPLACE INTO shapes VALUES (?, ?, ?)", (kind, signature, text))
 
+    def note_shapes(self, items: Mapping[tuple[str, str], str]) -> None:
+        """Many :meth:`note_shape` calls, ``{(kind, signature): description}``, in one transaction."""
+        with self._transaction():
+            self._conn.executemany("INSERT OR REPLACE INTO shapes VALUES (?, ?, ?)",
+                                   [(k, s, d) for (k, s), d in items.items()])
+
     def shapes(self) -> dict[tuple[str, str], str]:
         return {(r[0], r[1]): r[2] for r in self._conn.execute("SELECT kind, signature, description FROM shapes")}
 
@@ -339,7 +345,10 @@ class _Transaction:
         if exc_type is None:
             self.conn.execute("COMMIT")
         else:
-            self.conn.execute("ROLLBACK")
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # nothing to roll back: the original exception is what matters
 
 
 # ---------------------------------------------------------------------- row <-> record

@@ -1,0 +1,96 @@
+"""``hwmpq profile``: measure a model's unique layers, transitions and overhead on a target into a LUT."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def _target_options(threads, rpc, tracker, key, tune_trials) -> dict:
+    """Keyword options for get_target: only those the user gave (each target has its own defaults)."""
+    opts = {"threads": threads, "rpc": rpc, "tracker": tracker, "key": key, "tune_trials": tune_trials}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def load_model_and_graph(model: str, input_shape: str | None, weights: str | None):
+    """(model, example input, layer specs, edges); a bad --model/--input-shape raises a clear ValueError."""
+    import torch
+
+    from hwmpq.graph import analyse
+    from hwmpq.modelspec import ModelLoadError, default_shape, load_model, parse_input_shape
+
+    shape = parse_input_shape(input_shape)
+    if shape is None:
+        shape = default_shape(model)
+        if shape is None and ":" not in model:
+            load_model(model)  # an unknown zoo name: its error lists the known ones
+        if shape is None:
+            raise ModelLoadError(f"--model {model!r} is not a zoo model: give --input-shape N,C,H,W")
+    net = load_model(model, in_chans=shape[1], weights=weights)
+    x = torch.zeros(shape)
+    specs, edges = analyse(net, x)
+    return net, x, specs, edges
+
+
+def profile_command(
+    target: Annotated[str, typer.Option(help="ort-x86 | tvm:PRESET | fake")],
+    model: Annotated[str, typer.Option(help="zoo name or path/to/file.py:factory")],
+    lut: Annotated[str, typer.Option(help="LUT file (SQLite); created if absent, resumed if present")],
+    input_shape: Annotated[str | None, typer.Option(help="N,C,H,W (default: the zoo model's)")] = None,
+    weights: Annotated[str | None, typer.Option(help="state dict to load (weights only)")] = None,
+    threads: Annotated[int | None, typer.Option(help="intra-op threads of the target")] = None,
+    rpc: Annotated[str | None, typer.Option(help="HOST:PORT of a TVM RPC server")] = None,
+    tracker: Annotated[str | None, typer.Option(help="HOST:PORT of a TVM RPC tracker (with --key)")] = None,
+    key: Annotated[str | None, typer.Option(help="device key at the tracker")] = None,
+    tune_trials: Annotated[int | None, typer.Option(help="MetaSchedule trials per layer (TVM)")] = None,
+    warmup: Annotated[int, typer.Option(help="untimed runs before timing")] = 30,
+    repeat: Annotated[int, typer.Option(help="timed repeats (the median is quoted)")] = 100,
+    number: Annotated[int, typer.Option(help="runs averaged inside one repeat")] = 1,
+    min_repeat_ms: Annotated[float, typer.Option(help="raise number until a repeat lasts this long")] = 0.0,
+    timeout_s: Annotated[float, typer.Option(help="per-job run timeout (enforced by the target)")] = 60.0,
+    transitions: Annotated[bool, typer.Option(help="also measure precision transitions")] = True,
+    retry_failed: Annotated[bool, typer.Option(help="measure again jobs recorded as failures")] = False,
+    max_run_failures: Annotated[int, typer.Option(help="stop after this many run failures in a row (0: never)")] = 5,
+    force: Annotated[bool, typer.Option(help="use a LUT of another device/target/schema knowingly")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Measure each unique (layer signature, precision) once, plus transitions and the per-model constant.
+
+    Interrupt it at any time: every finished measurement is already committed, and the same command
+    resumes with only the missing ones."""
+    import warnings
+
+    from hwmpq.lut.store import LutStore
+    from hwmpq.targets import get_target
+    from rich.console import Console
+
+    from hwmpq.records import MeasureConfig
+
+    from .runner import profile
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        _, _, specs, edges = load_model_and_graph(model, input_shape, weights)
+        tgt = get_target(target, **_target_options(threads, rpc, tracker, key, tune_trials))
+        config = MeasureConfig(warmup=warmup, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
+                               threads=threads or int(getattr(tgt, "threads", 1) or 1), timeout_s=timeout_s)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store = LutStore.open(lut, target=tgt.id, device=tgt.device(), force=force)
+        for w in caught:
+            console.print(f"[yellow]warning:[/] {w.message}")
+    except ValueError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    with store:
+        report = profile(specs, edges, tgt, store, config, progress=not quiet, transitions=transitions,
+                         retry_failed=retry_failed, max_run_failures=max_run_failures, console=console)
+    if report.interrupted:
+        raise typer.Exit(130)
+    if report.stop_reason:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile")(profile_command)

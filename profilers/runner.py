@@ -1,0 +1,221 @@
+"""Run measurement jobs on a target and commit each result to the LUT as soon as it exists.
+
+Resume is a property of the store: a job whose key is already stored (ok, or failed unless
+``retry_failed``) is skipped, so rerunning an interrupted profile measures only what is missing.
+Build and run failures are rows (``error_msg``), not exceptions. Several run failures in a row
+(``max_run_failures``) mean the device is gone (RPC refused, board rebooted): the profile stops, and
+those suspect rows are NOT recorded, so the rerun measures them again.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hwmpq.records import Edge, LayerSpec, MeasureConfig, Measurement, RunResult
+
+from .jobs import MeasureJob, plan_jobs
+
+
+@dataclass(frozen=True)
+class ProfileReport:
+    total: int  # unique jobs for this model on this target
+    skipped: int  # already in the LUT
+    measured: int  # committed in this run with a latency
+    failed: int  # committed in this run as build/run failures
+    dropped: int  # run failures not recorded (dead device, interrupt): retried next time
+    interrupted: bool
+    stop_reason: str | None  # why the profile stopped early (None: it finished)
+    elapsed_s: float
+    lut_rows: int  # rows in the LUT file at the end
+
+    @property
+    def complete(self) -> bool:
+        return not self.interrupted and self.stop_reason is None
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of hwmpq and of the backend libraries this process has imported."""
+    from hwmpq import __version__ as hwmpq_version
+
+    out = {"hwmpq": str(hwmpq_version), "python": sys.version.split()[0]}
+    for name in ("torch", "onnx", "onnxruntime", "tvm"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "__version__"):
+            out[name] = str(mod.__version__)
+    return out
+
+
+def _summarise(run: RunResult) -> tuple[float, float, float, int] | str:
+    """(median, p10, p90, n) in ms, or the reason the run gave no usable timing."""
+    if run.error_msg:
+        return run.error_msg
+    lat = np.asarray(run.latencies_ms or (), dtype=float)
+    if lat.size == 0:
+        return "run returned no latencies"
+    if not np.all(np.isfinite(lat)) or np.any(lat < 0):
+        return f"run returned invalid latencies (min {lat.min()!r}, max {lat.max()!r})"
+    p10, med, p90 = np.percentile(lat, [10, 50, 90])
+    return float(med), float(p10), float(p90), int(lat.size)
+
+
+def _energy(target, job: MeasureJob, latency_ms: float) -> tuple[float | None, str]:
+    if job.kind != "layer" or not hasattr(target, "energy"):
+        return None, "modeled"
+    try:
+        mj, source = target.energy(job.spec, job.precision, latency_ms)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:  # an energy model bug must not cost the latency row
+        return None, "modeled"
+    return (None if mj is None or not math.isfinite(mj) else float(mj)), str(source)
+
+
+def measure_job(job: MeasureJob, target, config: MeasureConfig, device) -> tuple[Measurement, bool]:
+    """Build and time one job; returns (measurement, True if the build worked but the run failed)."""
+    base = dict(signature=job.signature, precision=job.precision, target=target.id, device=device.fingerprint,
+                config=config, kind=job.kind, src_precision=job.src_precision, emulated=bool(device.emulated))
+    build = job.build(target)
+    if build.error_msg or build.artifact is None:
+        msg = f"build failed: {build.error_msg or 'no artifact'}"
+        return Measurement(latency_ms=None, error_msg=msg, versions=tool_versions(), time_unix=time.time(),
+                           **base), False
+    try:
+        run = target.run(build, config)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as e:  # a backend bug on one job is data
+        run = RunResult(None, f"run raised {type(e).__name__}: {e}")
+    stats = _summarise(run)
+    if isinstance(stats, str):
+        return Measurement(latency_ms=None, error_msg=f"run failed: {stats}", versions=tool_versions(),
+                           time_unix=time.time(), **base), True
+    med, p10, p90, n = stats
+    energy_mj, source = _energy(target, job, med)
+    return Measurement(latency_ms=med, p10_ms=p10, p90_ms=p90, n=n, energy_mj=energy_mj, energy_source=source,
+                       versions=tool_versions(), time_unix=time.time(), **base), False
+
+
+def pending_jobs(jobs: Sequence[MeasureJob], store, config: MeasureConfig, retry_failed: bool) -> list[MeasureJob]:
+    """Jobs the store does not hold yet (or holds as failures, with ``retry_failed``)."""
+    out = []
+    for job in jobs:
+        old = store.get(job.kind, job.signature, job.precision, config, job.src_precision)
+        if old is None or (retry_failed and not old.ok):
+            out.append(job)
+    return out
+
+
+class _Loop:
+    """The measuring loop's state, so that an interrupt can say exactly what was kept."""
+
+    def __init__(self, target, store, config: MeasureConfig, max_run_failures: int) -> None:
+        self.target, self.store, self.config = target, store, config
+        self.device = target.device()
+        self.max_run_failures = max_run_failures
+        self.measured = self.failed = self.dropped = 0
+        self.suspect: list[Measurement] = []  # consecutive run failures, held back until a run succeeds
+        self.stop_reason: str | None = None
+
+    def step(self, job: MeasureJob) -> None:
+        m, run_failed = measure_job(job, self.target, self.config, self.device)
+        if run_failed and self.max_run_failures > 0:
+            self.suspect.append(m)
+            if len(self.suspect) >= self.max_run_failures:
+                self.stop_reason = (
+                    f"the device looks dead: {len(self.suspect)} runs in a row failed (last: {m.error_msg}); "
+                    "those jobs were not recorded. Check the device or connection and rerun the same command")
+                self.dropped += len(self.suspect)
+                self.suspect.clear()
+            return
+        self.flush()
+        self.store.add(m)
+        self.measured += m.ok
+        self.failed += not m.ok
+
+    def flush(self) -> None:
+        """Commit held-back run failures: a later success shows the device was alive, so they are data."""
+        for s in self.suspect:
+            self.store.add(s)
+            self.failed += 1
+        self.suspect.clear()
+
+
+def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, config: MeasureConfig, *,
+            progress: bool = True, transitions: bool = True, retry_failed: bool = False,
+            max_run_failures: int = 5, console=None) -> ProfileReport:
+    """Measure every unique job of the model that ``store`` lacks, committing each as it completes.
+
+    Ctrl-C stops cleanly (committed rows stay; run the same command again to resume). ``console``: a
+    rich Console for progress and messages (default: stderr)."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    t0 = time.perf_counter()
+    jobs = plan_jobs(specs, edges, target, transitions=transitions)
+    store.note_shapes({(j.kind, j.signature): j.description for j in jobs})
+    todo = pending_jobs(jobs, store, config, retry_failed)
+    if progress:
+        console.print(f"[bold]{target.id}[/]: {len(jobs)} unique jobs, {len(jobs) - len(todo)} already in "
+                      f"{store.path}, {len(todo)} to measure")
+    loop = _Loop(target, store, config, max_run_failures)
+    interrupted = False
+    try:
+        _run_all(loop, todo, progress, console)
+        loop.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        loop.dropped += len(loop.suspect)
+        loop.suspect.clear()
+    report = ProfileReport(total=len(jobs), skipped=len(jobs) - len(todo), measured=loop.measured,
+                           failed=loop.failed, dropped=loop.dropped, interrupted=interrupted,
+                           stop_reason=loop.stop_reason, elapsed_s=time.perf_counter() - t0, lut_rows=len(store))
+    if progress or interrupted or loop.stop_reason:
+        console.print(describe(report, store.path))
+    return report
+
+
+def _run_all(loop: _Loop, todo: list[MeasureJob], progress: bool, console) -> None:
+    if not progress:
+        for job in todo:
+            loop.step(job)
+            if loop.stop_reason:
+                return
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("", total=len(todo))
+        for job in todo:
+            bar.update(task, description=job.label)
+            loop.step(job)
+            bar.advance(task)
+            if loop.stop_reason:
+                return
+        bar.update(task, description="done")
+
+
+def describe(report: ProfileReport, path) -> str:
+    """One paragraph for the user: what happened, what is kept, what to do next."""
+    head = (f"{report.measured} measured, {report.failed} failed (recorded), {report.skipped} already in the "
+            f"LUT, of {report.total} jobs in {report.elapsed_s:.1f} s; {path} now holds {report.lut_rows} rows")
+    if report.interrupted:
+        return (f"[yellow]interrupted[/]: {head}. Every committed row is kept; rerun the same command to measure "
+                f"the {report.total - report.skipped - report.measured - report.failed} missing jobs")
+    if report.stop_reason:
+        return f"[red]stopped[/]: {report.stop_reason}. {head}"
+    return head
