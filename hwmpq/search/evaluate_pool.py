@@ -84,6 +84,20 @@ def evaluate_plan(ctx: EvalContext, job: Job) -> float:
     return accuracy(model, ctx.val_x, ctx.val_y, ctx.batch_size)
 
 
+def points_from_jobs(table, jobs: Sequence[Job], accuracies: Sequence[float], params: Sequence[int],
+                     method: str, model_name: str = "") -> list:
+    """FrontPoints (LUT latency/energy, weight bytes) for scored jobs; ``table`` is a LatencyTable."""
+    from .pareto import FrontPoint
+
+    out = []
+    for job, acc in zip(jobs, accuracies, strict=True):
+        lat, en = table.predict_indices(job)
+        size = sum(n * table.candidates[i].w_bits / 8 for n, i in zip(params, job, strict=True))
+        plan = table.plan_from_indices(job, model=model_name, target=table.target, notes=method)
+        out.append(FrontPoint(plan, float(acc), lat, en, float(size), method))
+    return out
+
+
 EvalFn = Callable[[EvalContext, Job], float]
 
 # ---------------------------------------------------------------- process-pool worker state
