@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 pareto_app = typer.Typer(help="Pareto fronts from `hwmpq search --method nemo|ilp`: pick a plan, show, plot.",
@@ -19,8 +17,8 @@ def _fail(msg: str) -> None:
 @pareto_app.command("pick")
 def pick_cmd(
     front: str = typer.Option(..., "--front", help="front .json (or .csv) written by a NEMO/ILP search"),
-    budget_ms: Optional[float] = typer.Option(None, "--budget-ms", help="latency budget (ms)"),
-    budget_mj: Optional[float] = typer.Option(None, "--budget-mj", help="energy budget (mJ)"),
+    budget_ms: float | None = typer.Option(None, "--budget-ms", help="latency budget (ms)"),
+    budget_mj: float | None = typer.Option(None, "--budget-mj", help="energy budget (mJ)"),
     out: str = typer.Option("plan.json", "--out", help="where to write the picked BitPlan"),
     measured: bool = typer.Option(False, "--measured", help="compare measured latency where the front has it"),
 ) -> None:
@@ -47,7 +45,7 @@ def pick_cmd(
 @pareto_app.command("show")
 def show_cmd(
     front: list[str] = typer.Option(..., "--front", help="front file(s); repeat to overlay several"),
-    plot: Optional[str] = typer.Option(None, "--plot", help="write a PNG (accuracy vs latency)"),
+    plot: str | None = typer.Option(None, "--plot", help="write a PNG (accuracy vs latency)"),
 ) -> None:
     """Print the points of each front (sorted by latency) and optionally plot them together."""
     from .pareto import FrontError, load_front, plot_fronts
