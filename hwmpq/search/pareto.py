@@ -322,12 +322,18 @@ def plot_fronts(fronts: dict[str, Sequence[FrontPoint]], path: str | Path, title
         area = 30 + 170 * (np.array([p.size_bytes for p in pts]) - s_lo) / (s_hi - s_lo)
         measured = np.array([x != "latency_ms" and p.measured_ms is not None for p in pts])
         ax.step(xs, ys, where="post", alpha=0.35, lw=1)
-        for mask, face in ((measured, True), (~measured, False)):
-            if mask.any():
-                ax.scatter(np.array(xs)[mask], np.array(ys)[mask], s=area[mask], marker=markers[k % len(markers)],
-                           c=np.array([p.energy_mj for p in pts])[mask] if face else "none",
-                           edgecolors=plt.cm.viridis(norm(np.array([p.energy_mj for p in pts])[mask])),
-                           cmap="viridis", norm=norm, label=method if face or not measured.any() else None)
+        energy = np.array([p.energy_mj for p in pts])
+        for mask, filled in ((measured, True), (~measured, False)):
+            if not mask.any():
+                continue
+            label = method if filled or not measured.any() else None
+            common = {"s": area[mask], "marker": markers[k % len(markers)], "label": label}
+            if filled:
+                ax.scatter(np.array(xs)[mask], np.array(ys)[mask], c=energy[mask], cmap="viridis", norm=norm,
+                           edgecolors="k", linewidths=0.5, **common)
+            else:
+                ax.scatter(np.array(xs)[mask], np.array(ys)[mask], facecolors="none",
+                           edgecolors=plt.cm.viridis(norm(energy[mask])), linewidths=1.5, **common)
     ax.set_xlabel("latency (ms): filled = measured artifact, hollow = LUT prediction" if x == "auto"
                   else x.replace("_", " "))
     ax.set_ylabel("accuracy (%)")
