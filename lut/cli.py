@@ -59,18 +59,21 @@ def _matrix_table(matrix, title: str):
 def _transition_table(df):
     from rich.table import Table
 
-    from .plot import short_shape
+    from .plot import _column_order, short_shape
 
     tr = df[df["kind"] == "transition"].sort_values("time_unix")
     if tr.empty:
         return None
-    dsts = sorted(set(tr["precision"]), key=lambda s: (s != "fp32", s))
+    dsts = _column_order(tr["precision"].tolist())
+    src_rank = {p: i for i, p in enumerate(_column_order(tr["src_precision"].tolist()))}
+    sig_rank = {s: i for i, s in enumerate(dict.fromkeys(tr["signature"]))}
     table = Table(title="transitions: latency_ms of handing a tensor from src to dst precision", title_justify="left")
     table.add_column("tensor")
     table.add_column("src")
     for d in dsts:
         table.add_column(f"-> {d}", justify="right")
-    for (_sig, src), g in tr.groupby(["signature", "src_precision"], sort=False):
+    groups = sorted(tr.groupby(["signature", "src_precision"]), key=lambda kv: (sig_rank[kv[0][0]], src_rank[kv[0][1]]))
+    for (_sig, src), g in groups:
         vals = {r.precision: (f"{r.latency_ms:.4f}" if r.ok else "[red]failed[/]") for r in g.itertuples()}
         table.add_row(short_shape(g["shape"].iloc[0]), str(src), *(vals.get(d, "-") for d in dsts))
     return table

@@ -100,7 +100,9 @@ def plot_heatmap(matrix: LayerMatrix, path: str | os.PathLike, title: str = "") 
         for j in range(n_cols):
             v = matrix.latency_ms[i, j]
             if np.isfinite(v):
-                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
+                r, g, b, _ = im.cmap(im.norm(v))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.55
+                ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7, color="w" if dark else "k")
             elif matrix.failed[i, j]:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx", color="red", lw=0))
                 ax.text(j, i, "failed", ha="center", va="center", fontsize=6, color="red")
