@@ -133,7 +133,8 @@ class _Loop:
                 self.dropped += len(self.suspect)
                 self.suspect.clear()
             return
-        self.flush()
+        if m.ok:  # only a successful run shows the device is alive (a build failure says nothing)
+            self.flush()
         self.store.add(m)
         self.measured += m.ok
         self.failed += not m.ok

@@ -1,0 +1,160 @@
+"""The profiler: unique jobs, failures recorded as data, resume, retry, interrupt, dead device, CLI errors.
+
+Failure modes are injected by small wrappers around a backend (a real ORT target where a real one is
+needed; the fake target where only the control flow is under test)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import typer
+from hwmpq.lut.store import LutStore
+from hwmpq.profilers.cli import register
+from hwmpq.profilers.jobs import plan_jobs
+from hwmpq.profilers.runner import profile
+from hwmpq.targets import get_target
+from hwmpq.targets.fake import FakeTarget
+from rich.console import Console
+from typer.testing import CliRunner
+
+from hwmpq.graph import analyse
+from hwmpq.records import MeasureConfig, Precision, RunResult
+from hwmpq.zoo import create_model
+
+FAST = MeasureConfig(warmup=2, repeat=5)
+W2A2, W4A4 = Precision(2, 2), Precision(4, 4)
+
+
+@pytest.fixture(scope="module")
+def resnet20_graph():
+    return analyse(create_model("resnet20"), torch.zeros(1, 3, 32, 32))
+
+
+@pytest.fixture(scope="module")
+def tiny_graph():
+    return analyse(create_model("test_tiny", in_chans=1), torch.zeros(1, 1, 8, 8))
+
+
+def _store(tmp_path, target, name="p.lut") -> LutStore:
+    return LutStore.open(tmp_path / name, target=target.id, device=target.device())
+
+
+def test_plan_jobs_unique_layers_and_transitions(resnet20_graph):
+    specs, edges = resnet20_graph
+    fake = get_target("fake")
+    jobs = plan_jobs(specs, edges, fake)
+    sigs = {s.signature for s in specs}
+    assert len(sigs) < len(specs)  # resnet20 repeats shapes: they must be measured once
+    assert len(jobs) == len(sigs) * len(fake.precisions.conv)  # no transition/overhead methods on fake
+    assert sorted(f for j in jobs if j.precision == fake.precisions.conv[0] for f in j.fqns) == sorted(
+        s.fqn for s in specs)
+    ort = get_target("ort-x86")
+    by = {s.fqn: s for s in specs}
+    want = {(e.signature, sp, dp) for e in edges for sp in ort.precisions.for_layer(by[e.src])
+            for dp in ort.precisions.for_layer(by[e.dst])}
+    ojobs = plan_jobs(specs, edges, ort)
+    got = [(j.signature, j.src_precision, j.precision) for j in ojobs if j.kind == "transition"]
+    assert len(got) == len(set(got)) and set(got) == want
+    assert [j.kind for j in ojobs].count("overhead") == 1
+    assert not [j for j in plan_jobs(specs, edges, ort, transitions=False) if j.kind == "transition"]
+
+
+class FlakyFake(FakeTarget):
+    """Build fails for w2a2 everywhere; run fails for w4a4 on depthwise convs; optional dead device or
+    Ctrl-C after ``die_after`` successful runs."""
+
+    def __init__(self, die_after: int | None = None, interrupt: bool = False) -> None:
+        self.runs, self.die_after, self.interrupt = 0, die_after, interrupt
+
+    def build_layer(self, spec, precision):
+        if precision == W2A2:
+            from hwmpq.records import BuildResult
+
+            return BuildResult(None, "no 2-bit kernel")
+        b = super().build_layer(spec, precision)
+        return b if not (spec.kind == "dwconv" and precision == W4A4) else type(b)(b.artifact + "#dw44")
+
+    def run(self, build, config):
+        if self.die_after is not None and self.runs >= self.die_after:
+            if self.interrupt:
+                raise KeyboardInterrupt
+            return RunResult(None, "RPC session: connection refused")
+        self.runs += 1
+        if build.artifact and build.artifact.endswith("#dw44"):
+            return RunResult(None, "kernel crashed")
+        return super().run(build, config)
+
+
+def test_failures_are_rows_and_resume_skips_them(tmp_path, tiny_graph):
+    specs, edges = tiny_graph
+    target = FlakyFake()
+    with _store(tmp_path, target) as store:
+        rep = profile(specs, edges, target, store, FAST, progress=False)
+        assert rep.complete and rep.total == len(specs) * 5 and rep.skipped == 0
+        rows = store.measurements()
+        failed = [m for m in rows if not m.ok]
+        assert {m.precision for m in failed} == {W2A2, W4A4}
+        assert len(failed) == len(specs) + 1  # w2a2 everywhere, w4a4 on the one depthwise layer
+        assert all(m.latency_ms is None and m.error_msg for m in failed)
+        assert any("build failed: no 2-bit kernel" in m.error_msg for m in failed)
+        assert any("run failed: kernel crashed" in m.error_msg for m in failed)
+        again = profile(specs, edges, target, store, FAST, progress=False)
+        assert (again.measured, again.failed, again.skipped) == (0, 0, rep.total)
+        retry = profile(specs, edges, FakeTarget(), store, FAST, progress=False, retry_failed=True)
+        assert retry.measured == len(failed) and retry.skipped == rep.total - len(failed)
+        assert all(m.ok for m in store.measurements())
+
+
+def test_dead_device_stops_without_recording_suspects(tmp_path, resnet20_graph):
+    specs, edges = resnet20_graph
+    target = FlakyFake(die_after=7)
+    with _store(tmp_path, target) as store:
+        out = io.StringIO()
+        rep = profile(specs, edges, target, store, FAST, progress=False, max_run_failures=3,
+                      console=Console(file=out, width=200))
+        assert rep.stop_reason and "3 runs in a row failed" in rep.stop_reason and rep.dropped == 3
+        assert "connection refused" in out.getvalue() and "rerun" in out.getvalue()
+        kept = store.measurements()
+        assert len(kept) == rep.measured + rep.failed and rep.measured == 7
+        assert not any("connection refused" in (m.error_msg or "") for m in kept)
+        rest = profile(specs, edges, FakeTarget(), store, FAST, progress=False)
+        assert rest.complete and rest.skipped == len(kept) and rest.measured == rep.total - len(kept)
+
+
+def test_keyboard_interrupt_keeps_committed_rows(tmp_path, resnet20_graph):
+    specs, edges = resnet20_graph
+    target = FlakyFake(die_after=10, interrupt=True)
+    with _store(tmp_path, target) as store:
+        out = io.StringIO()
+        rep = profile(specs, edges, target, store, FAST, progress=True, console=Console(file=out, width=200))
+        assert rep.interrupted and len(store) == rep.measured + rep.failed >= 10
+        assert "interrupted" in out.getvalue() and "rerun the same command" in out.getvalue()
+        before = {(m.signature, m.precision): m for m in store.measurements()}
+        rest = profile(specs, edges, FakeTarget(), store, FAST, progress=False)
+        assert rest.skipped == len(before) and rest.measured + rest.skipped == rep.total
+        after = {(m.signature, m.precision): m for m in store.measurements()}
+        assert all(after[k] == v for k, v in before.items())  # nothing re-measured
+
+
+def test_profile_cli_errors_are_clear(tmp_path):
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps `profile` a named subcommand
+        pass
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["profile", "--target", "fake", "--model", "nosuchnet", "--lut", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "unknown model 'nosuchnet'" in res.output
+    (tmp_path / "junk.lut").write_bytes(b"not sqlite at all" * 100)
+    res = runner.invoke(app, ["profile", "--target", "fake", "--model", "test_tiny", "--lut",
+                              str(tmp_path / "junk.lut")])
+    assert res.exit_code == 2 and "junk.lut" in res.output and "not a readable hwmpq LUT" in res.output
+    res = runner.invoke(app, ["profile", "--target", "fake", "--model", "test_tiny", "--lut",
+                              str(tmp_path / "ok.lut"), "--repeat", "3", "--warmup", "0"])
+    assert res.exit_code == 0 and "measured" in res.output, res.output
+    with LutStore.read(tmp_path / "ok.lut") as store:
+        assert len(store) == 5 * 5 and {m.config.repeat for m in store.measurements()} == {3}
