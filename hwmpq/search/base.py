@@ -21,6 +21,20 @@ from hwmpq.lut.table import LatencyTable
 from hwmpq.records import BitPlan
 
 
+class DataShapeError(ValueError):
+    """The data does not fit the model (channels per image); the message says how to fix it."""
+
+
+def check_channels(model: nn.Module, input_shape: tuple[int, ...], where: str = "data") -> None:
+    """The model's first Conv2d must take the data's channel count (``input_shape`` is C, H, W)."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    c = int(input_shape[0])
+    if isinstance(first, nn.Conv2d) and first.in_channels != c:
+        raise DataShapeError(f"the {where} has {c} channel(s) per image (shape {tuple(input_shape)}), but the "
+                             f"model's first conv expects {first.in_channels}; build the model with in_chans={c} "
+                             "(zoo models get it from the data) or use data with matching channels")
+
+
 class BudgetError(ValueError):
     """The budget cannot be met (the message gives the smallest reachable cost) or is malformed."""
 
@@ -83,4 +97,5 @@ def run_search(inputs: SearchInputs, config: Any) -> SearchResult:
     if fn is None:
         raise TypeError(f"no search strategy for {type(config).__name__}; known: "
                         f"{sorted(t.__name__ for t in _STRATEGIES)}")
+    check_channels(inputs.model, inputs.splits.input_shape)
     return fn(inputs, config)

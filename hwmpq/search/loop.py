@@ -1,0 +1,276 @@
+"""The closed loop: data and model -> LUT (profiling missing entries if asked) -> search under the budget ->
+QAT fine-tune from the search's weights -> export to the target -> measure -> one table of budget,
+predicted and measured latency, and accuracy. ``hwmpq search`` and ``hwmpq demo`` are thin shells over it.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hwmpq.records import FP32, MeasureConfig, Precision, atomic_write_text, save_plan, to_json
+
+from . import ddp
+from .base import Budget, SearchInputs, SearchResult, check_channels, run_search
+
+
+@dataclass
+class LoopConfig:
+    method: str = "ssps"  # dnas | ssps | uniform
+    model: str = "resnet20"
+    data: str = "fashion-mnist"
+    data_limit: int | None = None  # train images kept (val/test shrink with it); None: all
+    weights: str | None = None  # trained float weights (state dict or hwmpq checkpoint)
+    pretrain_epochs: int = 0  # train the float model first (when no --weights): the demo uses this
+    pretrain_lr: float = 0.05
+    target: str = "ort-x86"
+    threads: int = 1
+    lut: str | None = None
+    profile_missing: bool = False
+    force_lut: bool = False
+    warmup: int = 30  # MeasureConfig of the LUT rows (must match how the LUT was profiled)
+    repeat: int = 100
+    budget: str | None = None  # "0.6x" or ms
+    budget_ms: float | None = None
+    budget_mj: float | None = None
+    bits: str = "8"  # uniform: the precision (8, w4a8, fp32, ...)
+    search: dict[str, Any] = field(default_factory=dict)  # DNASConfig / SSPSConfig fields
+    finetune_epochs: int = 1
+    finetune_lr: float = 0.01
+    finetune_limit_batches: int | None = None
+    batch_size: int = 128
+    qat: dict[str, Any] = field(default_factory=dict)  # QATOptions fields (sam, rho, stat_assist, grad_boost)
+    out: str = "plan.json"
+    export_dir: str | None = None
+    baselines: tuple[str, ...] = ()  # extra uniform rows through the same path, e.g. ("fp32", "8")
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Context:
+    splits: Any
+    model: nn.Module
+    example_input: torch.Tensor
+    target: Any
+    table: Any
+    budget: Budget
+    measure: MeasureConfig
+    float_acc: float
+
+
+def _log(msg: str) -> None:
+    if ddp.is_main():
+        from rich.console import Console
+
+        Console(stderr=True, soft_wrap=True).print(msg, highlight=False)
+
+
+def load_data_and_model(cfg: LoopConfig):
+    from hwmpq.data import load_dataset
+    from hwmpq.modelspec import load_model
+
+    kw = {"seed": cfg.seed}
+    if cfg.data_limit is not None and cfg.data == "fashion-mnist":
+        kw["limit"] = cfg.data_limit
+    splits = load_dataset(cfg.data, **kw)
+    model = load_model(cfg.model, num_classes=splits.num_classes, in_chans=splits.input_shape[0], weights=cfg.weights)
+    check_channels(model, splits.input_shape)
+    if cfg.weights is None and cfg.pretrain_epochs > 0:
+        from hwmpq.train import fit
+
+        _log(f"[bold]float pre-training[/] {cfg.model} on {cfg.data}: {cfg.pretrain_epochs} epoch(s)")
+        fit(model, splits, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, batch_size=cfg.batch_size,
+            seed=cfg.seed, progress=cfg.progress and ddp.is_main(), log=_log)
+    elif cfg.weights is None:
+        _log("[yellow]note[/]: no --weights and no --pretrain-epochs: searching an untrained float model")
+    return splits, model.eval(), torch.zeros(1, *splits.input_shape)
+
+
+def load_table(cfg: LoopConfig, model: nn.Module, example_input: torch.Tensor, target, measure: MeasureConfig):
+    """LatencyTable from the LUT store; missing entries are profiled with ``profile_missing``, else named."""
+    from hwmpq.graph import analyse
+    from hwmpq.lut.model import MissingEntriesError, build_table, edges_through_merges
+    from hwmpq.lut.store import LutStore
+
+    if cfg.lut is None:
+        raise ValueError("give --lut PATH (a LUT file; with --profile-missing it is created and filled)")
+    specs, _ = analyse(model, example_input)
+    edges = edges_through_merges(model, example_input)
+    with LutStore.open(cfg.lut, target=target.id, device=target.device(), force=cfg.force_lut) as store:
+        try:
+            return build_table(store, specs, edges, measure, target, allow_foreign=cfg.force_lut)
+        except MissingEntriesError as e:
+            layers = sorted({f for f, _ in e.missing})
+            if not cfg.profile_missing:
+                raise MissingEntriesError(e.missing, f"; layers without entries: {layers}. Or rerun with "
+                                          "--profile-missing to measure them now") from None
+            from hwmpq.profilers.runner import profile
+
+            _log(f"profiling {len(e.missing)} missing (layer, precision) entries into {cfg.lut}")
+            profile(specs, edges, target, store, measure, progress=cfg.progress)
+            return build_table(store, specs, edges, measure, target, allow_foreign=cfg.force_lut)
+
+
+def prepare(cfg: LoopConfig) -> Context:
+    from hwmpq.targets import get_target
+    from hwmpq.train import evaluate
+
+    from .budget import check_feasible, parse_budget
+
+    splits, model, x = load_data_and_model(cfg)
+    target = get_target(cfg.target, threads=cfg.threads)
+    measure = MeasureConfig(warmup=cfg.warmup, repeat=cfg.repeat, threads=cfg.threads)
+    table = load_table(cfg, model, x, target, measure)
+    budget = parse_budget(table, cfg.budget, cfg.budget_ms, cfg.budget_mj)
+    if cfg.method != "uniform":
+        check_feasible(table, budget)  # refused before any training
+    float_acc = evaluate(model, splits.loader("test", batch_size=512))
+    return Context(splits, model, x, target, table, budget, measure, float_acc)
+
+
+def method_config(cfg: LoopConfig, method: str, bits: str | None = None):
+    from .dnas import DNASConfig
+    from .ssps import SSPSConfig
+    from .uniform import UniformConfig
+
+    if method == "uniform":
+        return UniformConfig(Precision.parse(bits or cfg.bits))
+    fields = dict(cfg.search)
+    if method == "dnas":
+        fields = {k: v for k, v in fields.items() if k not in ("fix_every", "certainty")}
+        return DNASConfig(**fields)
+    if method == "ssps":
+        return SSPSConfig(**fields)
+    raise ValueError(f"--method {method!r}: use dnas, ssps or uniform")
+
+
+def _fit_hooks(cfg: LoopConfig, model: nn.Module) -> dict:
+    if not cfg.qat:
+        return {}
+    from hwmpq.qat_options import QATOptions
+
+    try:
+        from hwmpq.qat_options import fit_hooks
+    except ImportError:
+        raise ValueError("--sam/--stat-assist/--grad-boost need hwmpq.qat_options.fit_hooks, not built yet") from None
+    return fit_hooks(QATOptions(**cfg.qat), model)
+
+
+def fine_tune(ctx: Context, cfg: LoopConfig, result: SearchResult) -> nn.Module:
+    """QAT of the plan, starting from the search's weights and quantizer scales when it has them."""
+    from hwmpq.train import fit, prepare_qat
+
+    plan = result.plan
+    if result.model is not None:
+        model = result.model
+    else:
+        model = copy.deepcopy(ctx.model)
+        prepare_qat(model, plan, ctx.splits, batch_size=cfg.batch_size, seed=cfg.seed)
+    if all(p == FP32 for _, p in plan.layers) or cfg.finetune_epochs < 1:
+        return model.eval()
+    fit(model, ctx.splits, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size, seed=cfg.seed,
+        limit_batches=cfg.finetune_limit_batches, progress=cfg.progress, log=_log, **_fit_hooks(cfg, model))
+    return model.eval()
+
+
+def export_and_measure(ctx: Context, model: nn.Module, result: SearchResult, out_dir: Path, acc: float) -> float | None:
+    extra = {"budget_ms": ctx.budget.latency_ms, "budget_mj": ctx.budget.energy_mj,
+             "predicted_ms": result.predicted_ms, "predicted_mj": result.predicted_mj, "test_acc": acc}
+    if not hasattr(ctx.target, "export"):
+        _log(f"[yellow]note[/]: target {ctx.target.id} cannot export whole models; not measured")
+        return None
+    exported = ctx.target.export(model, result.plan, ctx.example_input, str(out_dir), manifest_extra=extra)
+    run = ctx.target.measure_artifact(exported, ctx.measure)
+    if run.latencies_ms is None:
+        _log(f"[red]measuring {exported.artifact} failed[/]: {run.error_msg}")
+        return None
+    return statistics.median(run.latencies_ms)
+
+
+def run_row(ctx: Context, cfg: LoopConfig, method: str, bits: str | None, out: Path) -> dict[str, Any]:
+    """Search (or uniform plan), fine-tune, evaluate, export, measure; one row of the final table."""
+    from hwmpq.train import evaluate
+
+    mcfg = method_config(cfg, method, bits)
+    inputs = SearchInputs(ctx.model, ctx.splits, ctx.table, ctx.budget, ctx.example_input, seed=cfg.seed,
+                          progress=cfg.progress, log=_log)
+    t0 = time.perf_counter()
+    result = run_search(inputs, mcfg)
+    search_s = time.perf_counter() - t0
+    label = method if method != "uniform" else f"uniform {mcfg.precision.label}"
+    if not ddp.is_main():
+        return {"method": label}
+    save_plan(result.plan, out)
+    atomic_write_text(out.with_suffix(".trace.json"), to_json(result.trace) + "\n")
+    model = fine_tune(ctx, cfg, result)
+    acc = evaluate(model, ctx.splits.loader("test", batch_size=512))
+    measured = export_and_measure(ctx, model, result, out.parent / f"{out.stem}_export", acc)
+    return {"method": label, "budget_ms": ctx.budget.latency_ms, "predicted_ms": result.predicted_ms,
+            "measured_ms": measured, "test_acc": acc, "search_s": search_s, "repaired": result.repaired,
+            "plan": str(out), "notes": result.notes,
+            "bits": {p.label: sum(1 for _, q in result.plan.layers if q == p) for _, p in result.plan.layers}}
+
+
+def run_loop(cfg: LoopConfig) -> list[dict[str, Any]]:
+    """The whole job; returns the rows it printed (and wrote to ``<out>.report.json``)."""
+    ctx = prepare(cfg)
+    out = Path(cfg.out)
+    if cfg.export_dir:
+        out_dir = Path(cfg.export_dir)
+    rows = []
+    for method, bits in [(cfg.method, None)] + [("uniform", b) for b in cfg.baselines]:
+        path = out if not rows else out.with_name(f"{out.stem}.uniform_{Precision.parse(bits).label}.json")
+        row = run_row(ctx, cfg, method, bits, path)
+        if cfg.export_dir and ddp.is_main() and not rows:
+            _move_export(path, out_dir)
+        rows.append(row)
+    if ddp.is_main():
+        report = {"config": asdict(cfg), "float_test_acc": ctx.float_acc, "lut": cfg.lut, "target": ctx.target.id,
+                  "rows": rows}
+        atomic_write_text(out.with_suffix(".report.json"), to_json(report) + "\n")
+        print_table(rows, ctx, cfg)
+    return rows
+
+
+def _move_export(plan_path: Path, out_dir: Path) -> None:
+    import shutil
+
+    src = plan_path.parent / f"{plan_path.stem}_export"
+    if src.resolve() == out_dir.resolve():
+        return
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.move(str(src), str(out_dir))
+
+
+def print_table(rows: list[dict[str, Any]], ctx: Context, cfg: LoopConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    b = ctx.budget
+    title = (f"{cfg.model} on {cfg.data}, {ctx.target.id}; budget "
+             + (f"{b.latency_ms:.4g} ms" if b.latency_ms is not None else "") +
+             (f" {b.energy_mj:.4g} mJ" if b.energy_mj is not None else "") + f"; float test acc {ctx.float_acc:.4f}")
+    t = Table(title=title)
+    for col in ("method", "budget ms", "predicted ms", "measured ms", "test acc", "search s", "plan"):
+        t.add_column(col, justify="left" if col in ("method", "plan") else "right")
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in rows:
+        t.add_row(r["method"] + (" (repaired)" if r.get("repaired") else ""), f(r.get("budget_ms"), ".4g"),
+                  f(r.get("predicted_ms"), ".4g"), f(r.get("measured_ms"), ".4g"), f(r.get("test_acc"), ".4f"),
+                  f(r.get("search_s"), ".1f"), " ".join(f"{k}x{v}" for k, v in r.get("bits", {}).items()))
+    Console(width=160).print(t)
+    for r in rows:
+        for n in r.get("notes", []):
+            Console().print(f"[yellow]{r['method']}[/]: {n}")
