@@ -3,6 +3,7 @@ front; one real run (digits, trained test_tiny, quantized-evaluation proxy) thro
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -135,7 +136,9 @@ def test_config_rejects_bad_values():
 # ---------------------------------------------------------------- a real run
 
 
+@functools.lru_cache(maxsize=1)
 def trained_tiny():
+    """test_tiny trained 6 epochs on digits (shared by test_ilp/test_ray_eval; callers must not modify it)."""
     from hwmpq.data import load_dataset
     from hwmpq.train import fit
     from hwmpq.zoo import create_model
