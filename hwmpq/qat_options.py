@@ -1,12 +1,23 @@
 """Options every QAT run accepts (`hwmpq train --qat`, the fine-tune after a search): SAQ's
-sharpness-aware minimisation and FrostNet's StatAssist and GradBoost. The training loop
-(hwmpq.train.fit) consumes them through ``fit_hooks``."""
+sharpness-aware minimisation and FrostNet's StatAssist and GradBoost.
+
+How a QAT run uses them (``run_qat`` does exactly this; callers with their own flow do the same)::
+
+    stat_assist(model, splits, options, **fit_kwargs)    # float warm-up (no-op unless options.stat_assist)
+    prepare_qat(model, plan, splits, ...)                # quantize_ (BN folded with the warm-up's statistics)
+    fit(model, splits, **fit_kwargs, **fit_hooks(options, model))
+
+Mechanisms live in hwmpq/sam.py (SAMStep) and hwmpq/frost.py (GradBoost, float_warmup).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from .records import register_record
+from torch import nn
+
+from .records import BitPlan, register_record
 
 
 @dataclass(frozen=True)
@@ -16,7 +27,7 @@ class QATOptions:
     stat_assist: bool = False  # float warm-up first, then QAT from the float statistics
     stat_assist_epochs: int = 1
     grad_boost: bool = False  # sign-matched Laplace gradient noise, range-scaled, decayed, masked, clipped
-    grad_boost_scale: float = 0.01
+    grad_boost_scale: float = 1.0  # multiplier of FrostNet's noise (1.0 = the paper's magnitude)
 
     _version = 1
 
@@ -24,5 +35,51 @@ class QATOptions:
         if self.rho <= 0 or self.stat_assist_epochs < 0 or self.grad_boost_scale < 0:
             raise ValueError(f"QATOptions: rho must be > 0, stat_assist_epochs >= 0, grad_boost_scale >= 0: {self}")
 
+    @property
+    def label(self) -> str:
+        """Short name for tables: ``plain``, ``sam``, ``sa+gb``, ``sam+sa+gb``."""
+        parts = [n for n, on in (("sam", self.sam), ("sa", self.stat_assist), ("gb", self.grad_boost)) if on]
+        return "+".join(parts) or "plain"
+
 
 register_record(QATOptions)
+
+
+def fit_hooks(options: QATOptions, model: nn.Module | None = None) -> dict[str, Any]:
+    """Keywords for ``hwmpq.train.fit``: ``{"step_fn": SAMStep | None, "grad_transforms": [GradBoost] | []}``.
+
+    ``step_fn`` is None without SAM (fit's default step then applies the transforms). Build fresh hooks per
+    fit call: GradBoost keeps per-parameter gradient statistics. ``model`` is accepted for the contract and
+    unused (the hooks find the weights at each step)."""
+    from .frost import GradBoost
+    from .sam import SAMStep
+
+    return {"step_fn": SAMStep(rho=options.rho) if options.sam else None,
+            "grad_transforms": [GradBoost(scale=options.grad_boost_scale)] if options.grad_boost else []}
+
+
+def stat_assist(model: nn.Module, splits, options: QATOptions, **fit_kwargs):
+    """StatAssist's float warm-up, before ``quantize_``: trains the float ``model`` in place for
+    ``options.stat_assist_epochs`` with fit's keywords (lr, batch_size, seed, limit_batches, ...; checkpoint
+    and resume ignored). QAT then starts from these weights and BatchNorm statistics (folded by quantize_).
+    No-op (returns None) unless ``options.stat_assist``; otherwise returns the warm-up's TrainResult."""
+    if not options.stat_assist:
+        return None
+    from .frost import float_warmup
+
+    return float_warmup(model, splits, options.stat_assist_epochs, **fit_kwargs)
+
+
+def run_qat(model: nn.Module, plan: BitPlan, splits, options: QATOptions, *, calibration_batches: int = 1,
+            **fit_kwargs):
+    """StatAssist (if on) -> quantize + calibrate -> fit with SAM/GradBoost hooks. Returns (model, TrainResult).
+
+    With StatAssist the quantizers are calibrated on at least 4 batches of the warmed-up model's activations."""
+    from .train import fit, prepare_qat
+
+    stat_assist(model, splits, options, **fit_kwargs)
+    n_cal = max(calibration_batches, 4) if options.stat_assist else calibration_batches
+    prepare_qat(model, plan, splits, calibration_batches=n_cal, batch_size=fit_kwargs.get("batch_size", 128),
+                seed=fit_kwargs.get("seed", 0))
+    result = fit(model, splits, **fit_kwargs, **fit_hooks(options, model))
+    return model, result
