@@ -224,14 +224,14 @@ def validate_command(
     json_out: Annotated[str | None, typer.Option("--json", help="write the report as JSON here")] = None,
     threads: Annotated[int, typer.Option(help="intra-op threads (must match the LUT's)")] = 1,
     seed: Annotated[int, typer.Option(help="seed of the random plans")] = 0,
-    warmup: Annotated[int, typer.Option()] = 30,
-    repeat: Annotated[int, typer.Option()] = 100,
+    warmup: Annotated[int | None, typer.Option(help="default: the LUT's measurement protocol")] = None,
+    repeat: Annotated[int | None, typer.Option(help="default: the LUT's measurement protocol")] = None,
     force: Annotated[bool, typer.Option(help="use a LUT of another device knowingly")] = False,
 ) -> None:
     """Measure real end-to-end latency of random plans and report the LUT's prediction error."""
-    from hwmpq.targets import get_target
+    import dataclasses
 
-    from hwmpq.records import MeasureConfig
+    from hwmpq.targets import get_target
 
     from .store import LutStore
     from .validate import validate
@@ -239,16 +239,35 @@ def validate_command(
     try:
         with LutStore.read(lut) as peek:
             target_id = peek.target
+            lut_config = _main_config(peek, threads)
         target = get_target(target_id, threads=threads)
         net, x, _, _ = _load(model, input_shape)
         store = LutStore.open(lut, target=target.id, device=target.device(), force=force)
     except ValueError as e:
         raise _fail(str(e)) from None
-    config = MeasureConfig(warmup=warmup, repeat=repeat, threads=threads)
+    config = dataclasses.replace(lut_config, **{k: v for k, v in (("warmup", warmup), ("repeat", repeat))
+                                                if v is not None})
     with store:
-        report = validate(store, net, x, plans, config, seed, json_out)
-    summary = getattr(report, "summary", None)
-    _console().print(summary() if callable(summary) else (summary or report))
+        try:
+            report = validate(store, net, x, plans, config, seed, json_out, target=target, model_name=model,
+                              allow_foreign=force)
+        except ValueError as e:
+            raise _fail(str(e)) from None
+    from .validate import format_report
+
+    _console().print(format_report(report))
+    if json_out:
+        _console().print(f"report written to {json_out}")
+
+
+def _main_config(store, threads: int):
+    """The measurement protocol of most of the LUT's rows at this thread count (lookups need the same)."""
+    from collections import Counter
+
+    from hwmpq.records import MeasureConfig
+
+    configs = Counter(m.config for m in store.measurements(all_rows=True) if m.config.threads == threads)
+    return configs.most_common(1)[0][0] if configs else MeasureConfig(threads=threads)
 
 
 def _load(model: str, input_shape: str | None):

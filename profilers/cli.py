@@ -30,7 +30,11 @@ def load_model_and_graph(model: str, input_shape: str | None, weights: str | Non
     net = load_model(model, in_chans=shape[1], weights=weights)
     x = torch.zeros(shape)
     specs, edges = analyse(net, x)
-    return net, x, specs, edges
+    try:  # the LUT model also prices edges across residual adds and concats: measure those too
+        from hwmpq.lut.model import edges_through_merges
+    except ImportError:
+        return net, x, specs, edges
+    return net, x, specs, edges_through_merges(net, x)
 
 
 def profile_command(
@@ -84,8 +88,13 @@ def profile_command(
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
     with store:
-        report = profile(specs, edges, tgt, store, config, progress=not quiet, transitions=transitions,
-                         retry_failed=retry_failed, max_run_failures=max_run_failures, console=console)
+        try:
+            report = profile(specs, edges, tgt, store, config, progress=not quiet, transitions=transitions,
+                             retry_failed=retry_failed, max_run_failures=max_run_failures, console=console)
+        finally:
+            cleanup = getattr(tgt, "cleanup", None)  # built artifacts of a backend (temp files)
+            if callable(cleanup):
+                cleanup()
     if report.interrupted:
         raise typer.Exit(130)
     if report.stop_reason:
