@@ -65,8 +65,9 @@ class GradBoost:
         st = self.state.get(id(p))
         if st is None or st["min"].shape != g.shape:
             st = self.state[id(p)] = {"min": g.clone(), "max": g.clone()}
-        st["min"].mul_(self.beta).add_(torch.minimum(st["min"], g), alpha=1 - self.beta)
-        st["max"].mul_(self.beta).add_(torch.maximum(st["max"], g), alpha=1 - self.beta)
+        new_min, new_max = torch.minimum(st["min"], g), torch.maximum(st["max"], g)
+        st["min"].mul_(self.beta).add_(new_min, alpha=1 - self.beta)
+        st["max"].mul_(self.beta).add_(new_max, alpha=1 - self.beta)
         return (st["max"] - st["min"]).clamp_min(0)
 
     @torch.no_grad()
