@@ -56,8 +56,7 @@ class LayerQuant:
 def collect_quant_params(model: nn.Module) -> dict[str, LayerQuant]:
     out = {}
     for fqn, q in quant_layers(model).items():
-        if not bool(q.w_quant.initialized) or not bool(q.out_quant.initialized) or (
-                q.in_quant.enabled and not bool(q.in_quant.initialized)):
+        if any(qz.enabled and not bool(qz.initialized) for qz in (q.w_quant, q.in_quant, q.out_quant)):
             raise ExportError(f"layer {fqn!r}: quantizers are not calibrated; load trained weights or calibrate first")
         b = q.layer.bias
         out[fqn] = LayerQuant(

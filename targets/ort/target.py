@@ -57,15 +57,20 @@ def cpu_details() -> dict[str, str]:
 
 
 class OrtTarget:
-    """ONNX Runtime CPU execution provider; ``threads`` is ``intra_op_num_threads`` for every session."""
+    """ONNX Runtime CPU execution provider; ``threads`` is ``intra_op_num_threads`` for every session;
+    ``clock`` is how a run is timed (targets/ort/timing.py: ``auto`` = thread CPU time at 1 thread, wall
+    time otherwise); it is part of the device fingerprint, so LUTs timed differently never mix."""
 
     id = "ort-x86"
     precisions = ORT_PRECISIONS
 
-    def __init__(self, threads: int = 1, workdir: str | None = None, **_: object) -> None:
+    def __init__(self, threads: int = 1, workdir: str | None = None, clock: str = "auto", **_: object) -> None:
+        from .timing import resolve_clock
+
         if int(threads) < 1:
             raise ValueError(f"OrtTarget: threads must be >= 1, got {threads}")
         self.threads = int(threads)
+        self.clock = resolve_clock(clock, self.threads)
         self._workdir = workdir
         self._counter = 0
 
@@ -75,7 +80,8 @@ class OrtTarget:
 
         from ..energy import powercap_counter
 
-        details = {**cpu_details(), "onnxruntime": ort.__version__, "threads": str(self.threads)}
+        details = {**cpu_details(), "onnxruntime": ort.__version__, "threads": str(self.threads),
+                   "clock": self.clock}
         fp = hashlib.sha256(json.dumps(details, sort_keys=True).encode()).hexdigest()[:16]
         return DeviceInfo(fingerprint=fp, details=details, energy_counter=powercap_counter())
 
@@ -119,7 +125,7 @@ class OrtTarget:
         if config.threads != self.threads:
             return RunResult(None, f"MeasureConfig.threads={config.threads} but this target was made with "
                                    f"threads={self.threads}; make OrtTarget(threads={config.threads})")
-        return time_model(build.artifact, config)
+        return time_model(build.artifact, config, clock=self.clock)
 
     def energy(self, spec: LayerSpec, precision: Precision, latency_ms: float | None) -> tuple[float | None, str]:
         from ..energy import layer_energy

@@ -1,0 +1,129 @@
+"""LUT fidelity: export random plans, measure each end to end, compare with the LUT's prediction.
+
+The prediction comes from :func:`hwmpq.lut.model.build_table` over the store's rows only; nothing is
+fitted to the validation plans. Quantizer scales of the random plans come from one calibration batch
+(the example input repeated with noise): latency does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from hwmpq.records import BitPlan, MeasureConfig, atomic_write_text
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: dict[str, str]  # fqn -> precision label
+    predicted_ms: float
+    measured_ms: float | None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    error_pct: float | None = None  # (predicted - measured) / measured * 100
+    error_msg: str | None = None
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    target: str
+    model: str
+    config: dict
+    plans: tuple[PlanResult, ...]
+    mape_pct: float | None
+    worst_pct: float | None  # largest |error|
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def random_plans(table, n: int, seed: int) -> list[BitPlan]:
+    """``n`` plans drawing each layer's precision uniformly from what the target allows for it."""
+    rng = random.Random(seed)
+    allowed = table.allowed
+    plans = []
+    for _ in range(n):
+        idx = [rng.choice([int(p) for p in range(len(table.candidates)) if allowed[i, p]])
+               for i in range(len(table.fqns))]
+        plans.append(table.plan_from_indices(idx, notes=f"random plan, seed {seed}"))
+    return plans
+
+
+def _calibrated(model: nn.Module, plan: BitPlan, example_input: torch.Tensor) -> nn.Module:
+    from hwmpq.qmodules import calibrate, quantize_
+
+    q = quantize_(copy.deepcopy(model).eval(), plan)
+    g = torch.Generator().manual_seed(0)
+    batch = example_input.repeat(4, *([1] * (example_input.dim() - 1)))
+    batch = batch + 0.1 * torch.randn(batch.shape, generator=g)
+    calibrate(q, [batch])
+    return q.eval()
+
+
+def measure_plan(target, model: nn.Module, plan: BitPlan, example_input: torch.Tensor, config: MeasureConfig,
+                 out_dir: str) -> tuple[float | None, float | None, float | None, str | None]:
+    """(median, p10, p90, error) of the exported plan's end-to-end latency."""
+    from hwmpq.targets.ort.timing import summarize
+
+    qmodel = _calibrated(model, plan, example_input)
+    export = target.export(qmodel, plan, example_input, out_dir)
+    run = target.measure_artifact(export, config)
+    if run.error_msg or not run.latencies_ms:
+        return None, None, None, run.error_msg or "no latencies"
+    st = summarize(run.latencies_ms)
+    return st.median_ms, st.p10_ms, st.p90_ms, None
+
+
+def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int, config: MeasureConfig,
+             seed: int = 0, json_out: str | None = None, *, target=None, model_name: str = "",
+             allow_foreign: bool = False) -> ValidationReport:
+    """Predicted vs measured latency of ``n_plans`` random plans; MAPE and worst error."""
+    from hwmpq.graph import analyse
+    from hwmpq.targets import get_target
+
+    from .model import build_table, edges_through_merges
+
+    if n_plans < 1:
+        raise ValueError(f"n_plans must be >= 1, got {n_plans}")
+    target = target or get_target(store.meta["target"], threads=config.threads)
+    if not hasattr(target, "export") or not hasattr(target, "measure_artifact"):
+        raise ValueError(f"target {target.id!r} cannot export and measure whole models")
+    model = model.eval()
+    specs, _ = analyse(model, example_input)
+    edges = edges_through_merges(model, example_input)
+    table = build_table(store, specs, edges, config, target, allow_foreign=allow_foreign)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="hwmpq-validate-") as tmp:
+        for k, plan in enumerate(random_plans(table, n_plans, seed)):
+            predicted, _ = table.predict(plan)
+            med, p10, p90, err = measure_plan(target, model, plan, example_input, config, f"{tmp}/plan{k}")
+            pct = None if med is None else (predicted - med) / med * 100
+            results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, med, p10, p90, pct, err))
+    errs = [abs(r.error_pct) for r in results if r.error_pct is not None]
+    report = ValidationReport(
+        target.id, model_name or type(model).__name__, asdict(config), tuple(results),
+        sum(errs) / len(errs) if errs else None, max(errs) if errs else None,
+        (f"{len(edges)} edges (through merges), {len(specs)} layers, candidates "
+         f"{[c.label for c in table.candidates]}",))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(report.as_dict(), indent=1) + "\n")
+    return report
+
+
+def format_report(report: ValidationReport) -> str:
+    lines = [f"{'plan':>4}  {'predicted ms':>12}  {'measured ms':>11}  {'error %':>8}"]
+    for i, r in enumerate(report.plans):
+        meas = f"{r.measured_ms:.3f}" if r.measured_ms is not None else "failed"
+        err = f"{r.error_pct:+.1f}" if r.error_pct is not None else (r.error_msg or "")
+        lines.append(f"{i:>4}  {r.predicted_ms:>12.3f}  {meas:>11}  {err:>8}")
+    if report.mape_pct is not None:
+        lines.append(f"MAPE {report.mape_pct:.1f}%  worst {report.worst_pct:.1f}%  ({len(report.plans)} plans, "
+                     f"{report.target}, {report.config.get('threads')} thread(s))")
+    return "\n".join(lines)
