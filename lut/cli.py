@@ -251,7 +251,7 @@ def validate_command(
         try:
             report = validate(store, net, x, plans, config, seed, json_out, target=target, model_name=model,
                               allow_foreign=force)
-        except ValueError as e:
+        except (ValueError, LookupError) as e:  # foreign or incomplete LUT, bad model
             raise _fail(str(e)) from None
     from .validate import format_report
 

@@ -77,7 +77,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _create_atomically(path: Path, target: str, device: DeviceInfo) -> None:
-    """Build the empty LUT in a temporary file and rename it: a half-created LUT is never seen."""
+    """Build the empty LUT in a temporary file and link it into place: a half-created LUT is never seen,
+    and if another process created ``path`` meanwhile, its file wins."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -93,7 +94,13 @@ def _create_atomically(path: Path, target: str, device: DeviceInfo) -> None:
             conn.commit()
         finally:
             conn.close()
-        os.replace(tmp, path)
+        try:
+            os.link(tmp, path)  # create-if-absent: a LUT another process just created is never replaced
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links
+            if not path.exists():
+                os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -170,8 +177,11 @@ class LutStore:
         conn = _connect(p)
         try:
             meta = _read_meta(conn, p)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+            except sqlite3.OperationalError:  # a read-only file or folder: reading still works
+                pass
         except sqlite3.DatabaseError as e:
             conn.close()
             raise CorruptLutError(f"{p}: cannot open the LUT ({e})") from None
