@@ -94,18 +94,19 @@ class GradBoost:
                      "boosted_fraction": boosted / max(1, total)}
 
 
-def float_warmup(model: nn.Module, splits, epochs: int, **fit_kwargs):
-    """StatAssist's float phase: train the (float) ``model`` in place for ``epochs`` with ``hwmpq.train.fit``
-    (same keywords: lr, batch_size, seed, limit_batches, ...; checkpoint/resume are not used here).
+def float_warmup(model: nn.Module, splits, warmup_epochs: int, **fit_kwargs):
+    """StatAssist's float phase: train the (float) ``model`` in place for ``warmup_epochs`` with
+    ``hwmpq.train.fit`` (same keywords: lr, batch_size, seed, limit_batches, ...; ``epochs``, checkpoint and
+    resume are the QAT run's and are not used here).
     Returns fit's TrainResult, or None for ``epochs == 0``. Refuses an already quantized model."""
     from .qmodules import QuantLayer
     from .train import fit
 
-    if epochs < 0:
-        raise ValueError(f"StatAssist epochs must be >= 0, got {epochs}")
+    if warmup_epochs < 0:
+        raise ValueError(f"StatAssist epochs must be >= 0, got {warmup_epochs}")
     if any(isinstance(m, (QuantLayer, LSQQuantizer)) for m in model.modules()):
         raise ValueError("StatAssist warms up the float model: call it before quantize_/prepare_qat, not after")
-    if epochs == 0:
+    if warmup_epochs == 0:
         return None
     kw = {k: v for k, v in fit_kwargs.items() if k not in ("checkpoint", "resume", "epochs")}
-    return fit(model, splits, epochs=epochs, **kw)
+    return fit(model, splits, epochs=warmup_epochs, **kw)
