@@ -196,9 +196,15 @@ def _run_all(loop: _Loop, todo: list[MeasureJob], progress: bool, console) -> No
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.table import Column
 
-    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-               TextColumn("{task.description}"))
+    def fixed(width: int) -> Column:
+        return Column(no_wrap=True, min_width=width)
+
+    columns = (BarColumn(bar_width=20, table_column=fixed(20)), MofNCompleteColumn(table_column=fixed(9)),
+               TimeElapsedColumn(table_column=fixed(7)), TextColumn("ETA", table_column=fixed(3)),
+               TimeRemainingColumn(table_column=fixed(7)),  # the job label takes what is left
+               TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)))
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("", total=len(todo))
         for job in todo:
