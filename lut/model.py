@@ -7,10 +7,11 @@
 - ``layer_ms``: the isolated single-layer session, measured *in context* (integer codes in and out for
   quantized layers, so no Q/DQ of its own), minus the per-session call overhead that every isolated
   measurement carries once and a whole model pays once.
-- ``T_e[a, b] = C(a, b) - (C(a, a) + C(b, b)) / 2``: C is a transition row, the time of a two-layer
-  chain on the edge's tensor shape (targets/ort/layers.py: ``transition_model``). It is zero on the
-  diagonal and holds what a precision boundary adds over homogeneous neighbours: Q/DQ, layout changes
-  between integer (NHWC) and float (NCHWc) kernels, lost fusions.
+- ``T_e``: from transition rows C(a, b), the time of a two-layer chain of stand-ins on the edge's tensor
+  shape (targets/ort/layers.py: ``transition_model``), and S(p), the stand-in alone (a layer row;
+  :func:`profiling_specs` adds the stand-ins to what is profiled); see :func:`transition_matrix`. T holds
+  what handing the tensor across costs beyond what the isolated layer rows include: DQ/ReLU/Q glue,
+  layout changes between integer (NHWC) and float (NCHWc) kernels, lost fusions.
 - ``overhead_ms``: the overhead row (one empty session run).
 
 Edges: pass :func:`edges_through_merges` (edges also across residual adds, where the exporter dequantizes
@@ -93,23 +94,47 @@ def _chain_ms(store, edge: Edge, src: Precision, dst: Precision, config) -> floa
     return _ok_latency(store.get("transition", edge.signature, dst, config, src_precision=src))
 
 
-def transition_matrix(store, edge: Edge, cands, allowed_src, allowed_dst, config) -> tuple[np.ndarray, int]:
-    """[P, P] matrix T_e (zeros where unmeasured) and how many entries were missing."""
+def profiling_specs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target) -> list[LayerSpec]:
+    """``specs`` plus the target's transition stand-ins (one per edge tensor shape), which must be
+    profiled as layers for :func:`build_table` to turn chain times into transition costs."""
+    if not hasattr(target, "transition_stand_in"):
+        return list(specs)
+    extra = {}
+    for e in edges:
+        st = target.transition_stand_in(e.tensor_shape)
+        extra.setdefault(st.signature, st)
+    known = {s.signature for s in specs}
+    return list(specs) + [s for sig, s in extra.items() if sig not in known]
+
+
+def transition_matrix(store, edge: Edge, cands, allowed_src, allowed_dst, config, overhead_ms: float,
+                      stand_in: LayerSpec | None) -> tuple[np.ndarray, int]:
+    """[P, P] matrix T_e (zeros where unmeasured) and how many entries were missing.
+
+    Homogeneous edges: ``T[a, a] = max(0, C(a, a) - 2 S(a) + overhead)`` (the glue an isolated layer row
+    does not include, e.g. int16 DQ/Q; a negative value is a layout change the isolated rows pay and the
+    chain saves, which ORT shares between all edges of a tensor, so it is not credited per edge).
+    Boundaries: ``T[a, b] = C(a, b) - (C(a, a) + C(b, b)) / 2 + (T[a, a] + T[b, b]) / 2``. Without
+    stand-in rows S the diagonal is 0."""
     t = np.zeros((len(cands), len(cands)))
     missing = 0
-    diag = {p: _chain_ms(store, edge, p, p, config) for p in set(allowed_src) | set(allowed_dst)}
+    ps = set(allowed_src) | set(allowed_dst)
     fp = _chain_ms(store, edge, FP32, FP32, config)
+    chain = {p: _chain_ms(store, edge, p, p, config) for p in ps}
+    chain = {p: (c if c is not None else (fp if p.a_bits == 32 else None)) for p, c in chain.items()}
+    solo = {p: _ok_latency(store.get("layer", stand_in.signature, p, config)) for p in ps} if stand_in else {}
+    glue = {p: (max(0.0, chain[p] - 2 * solo[p] + overhead_ms)
+                if chain[p] is not None and solo.get(p) is not None else 0.0) for p in ps}
     for a in allowed_src:
         for b in allowed_dst:
             if a == b:
+                t[cands.index(a), cands.index(a)] = glue[a]
                 continue
             c = _chain_ms(store, edge, a, b, config)
-            da = diag[a] if diag[a] is not None else (fp if a.a_bits == 32 else None)
-            db = diag[b] if diag[b] is not None else (fp if b.a_bits == 32 else None)
-            if c is None or da is None or db is None:
+            if c is None or chain[a] is None or chain[b] is None:
                 missing += 1
                 continue
-            t[cands.index(a), cands.index(b)] = c - (da + db) / 2
+            t[cands.index(a), cands.index(b)] = c - (chain[a] + chain[b]) / 2 + (glue[a] + glue[b]) / 2
     return t, missing
 
 
@@ -136,7 +161,8 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
             continue
         i, j = index[e.src], index[e.dst]
         allowed_i, allowed_j = target.precisions.for_layer(specs[i]), target.precisions.for_layer(specs[j])
-        t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config)
+        stand_in = target.transition_stand_in(e.tensor_shape) if hasattr(target, "transition_stand_in") else None
+        t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config, overhead_ms, stand_in)
         n_missing += miss
         n_total += len(allowed_i) * len(allowed_j)
         transitions.append((i, j, t))

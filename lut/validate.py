@@ -8,6 +8,7 @@ fitted to the validation plans. Quantizer scales of the random plans come from o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import tempfile
@@ -67,26 +68,44 @@ def _calibrated(model: nn.Module, plan: BitPlan, example_input: torch.Tensor) ->
     return q.eval()
 
 
-def measure_plan(target, model: nn.Module, plan: BitPlan, example_input: torch.Tensor, config: MeasureConfig,
-                 out_dir: str) -> tuple[float | None, float | None, float | None, str | None]:
-    """(median, p10, p90, error) of the exported plan's end-to-end latency."""
+def export_plan(target, model: nn.Module, plan: BitPlan, example_input: torch.Tensor, out_dir: str):
+    return target.export(_calibrated(model, plan, example_input), plan, example_input, out_dir)
+
+
+def measure_interleaved(target, exports: list, config: MeasureConfig, rounds: int = 3) -> list[tuple]:
+    """(median, p10, p90, error) per export, timed round-robin in ``rounds`` slices of the repeats so that
+    a change of machine load hits every plan alike."""
     from hwmpq.targets.ort.timing import summarize
 
-    qmodel = _calibrated(model, plan, example_input)
-    export = target.export(qmodel, plan, example_input, out_dir)
-    run = target.measure_artifact(export, config)
-    if run.error_msg or not run.latencies_ms:
-        return None, None, None, run.error_msg or "no latencies"
-    st = summarize(run.latencies_ms)
-    return st.median_ms, st.p10_ms, st.p90_ms, None
+    per_round = dataclasses.replace(config, repeat=max(1, -(-config.repeat // rounds)))
+    samples: list[list[float]] = [[] for _ in exports]
+    errors: list[str | None] = [None for _ in exports]
+    for _ in range(rounds):
+        for k, export in enumerate(exports):
+            if errors[k]:
+                continue
+            run = target.measure_artifact(export, per_round)
+            if run.error_msg or not run.latencies_ms:
+                errors[k] = run.error_msg or "no latencies"
+            else:
+                samples[k].extend(run.latencies_ms)
+    out = []
+    for lat, err in zip(samples, errors, strict=True):
+        if err:
+            out.append((None, None, None, err))
+        else:
+            st = summarize(lat)
+            out.append((st.median_ms, st.p10_ms, st.p90_ms, None))
+    return out
 
 
 def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int, config: MeasureConfig,
              seed: int = 0, json_out: str | None = None, *, target=None, model_name: str = "",
              allow_foreign: bool = False) -> ValidationReport:
     """Predicted vs measured latency of ``n_plans`` random plans; MAPE and worst error."""
-    from hwmpq.graph import analyse
     from hwmpq.targets import get_target
+
+    from hwmpq.graph import analyse
 
     from .model import build_table, edges_through_merges
 
@@ -100,12 +119,14 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
     edges = edges_through_merges(model, example_input)
     table = build_table(store, specs, edges, config, target, allow_foreign=allow_foreign)
     results = []
+    plans = random_plans(table, n_plans, seed)
     with tempfile.TemporaryDirectory(prefix="hwmpq-validate-") as tmp:
-        for k, plan in enumerate(random_plans(table, n_plans, seed)):
-            predicted, _ = table.predict(plan)
-            med, p10, p90, err = measure_plan(target, model, plan, example_input, config, f"{tmp}/plan{k}")
-            pct = None if med is None else (predicted - med) / med * 100
-            results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, med, p10, p90, pct, err))
+        exports = [export_plan(target, model, plan, example_input, f"{tmp}/plan{k}") for k, plan in enumerate(plans)]
+        timed = measure_interleaved(target, exports, config)
+    for plan, (med, p10, p90, err) in zip(plans, timed, strict=True):
+        predicted, _ = table.predict(plan)
+        pct = None if med is None else (predicted - med) / med * 100
+        results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, med, p10, p90, pct, err))
     errs = [abs(r.error_pct) for r in results if r.error_pct is not None]
     report = ValidationReport(
         target.id, model_name or type(model).__name__, asdict(config), tuple(results),

@@ -130,10 +130,10 @@ def layer_model(spec: LayerSpec, precision: Precision) -> onnx.ModelProto:
 def stand_in_spec(shape: tuple[int, ...]) -> LayerSpec:
     """A 1x1 conv (or a linear layer for 2-d tensors) keeping ``shape``: the neighbours in a chain."""
     if len(shape) == 2:
-        return LayerSpec("stand_in", "linear", shape[1], shape[1], batch=shape[0], bias=True,
+        return LayerSpec(f"stand_in{list(shape)}", "linear", shape[1], shape[1], batch=shape[0], bias=True,
                          macs=shape[0] * shape[1] ** 2, params=shape[1] ** 2)
     n, c, h, w = shape
-    return LayerSpec("stand_in", "conv", c, c, in_hw=(h, w), out_hw=(h, w), batch=n, bias=False,
+    return LayerSpec(f"stand_in{list(shape)}", "conv", c, c, in_hw=(h, w), out_hw=(h, w), batch=n, bias=False,
                      macs=n * c * c * h * w, params=c * c)
 
 
@@ -142,7 +142,8 @@ def transition_model(shape: tuple[int, ...], src: Precision, dst: Precision) -> 
 
     Its time C(src, dst) includes what a precision boundary costs in context (Q/DQ, ORT's layout
     changes between NHWC integer kernels and NCHWc float kernels, lost fusions); lut/model.py uses
-    C(src, dst) - (C(src, src) + C(dst, dst)) / 2 as the transition cost, zero when src == dst."""
+    C(src, dst) - S(src) - S(dst) + overhead as the transition cost, S being the stand-in measured alone
+    as a layer (profile :func:`stand_in_spec` of every edge shape, see ``lut.model.profiling_specs``)."""
     spec = stand_in_spec(tuple(shape))
     parts = GraphParts()
     rng = np.random.default_rng(0)

@@ -115,6 +115,10 @@ class OrtTarget:
     def build_transition(self, shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult:
         return self._save(layers.transition_model(tuple(shape), src, dst), f"transition_{src.label}_{dst.label}")
 
+    def transition_stand_in(self, shape: tuple[int, ...]) -> LayerSpec:
+        """The neighbour layer the transition chains use; profile it as a layer too."""
+        return layers.stand_in_spec(tuple(shape))
+
     def build_overhead(self) -> BuildResult:
         return self._save(layers.overhead_model(), "overhead")
 
