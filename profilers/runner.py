@@ -4,7 +4,8 @@ Resume is a property of the store: a job whose key is already stored (ok, or fai
 ``retry_failed``) is skipped, so rerunning an interrupted profile measures only what is missing.
 Build and run failures are rows (``error_msg``), not exceptions. Several run failures in a row
 (``max_run_failures``) mean the device is gone (RPC refused, board rebooted): the profile stops, and
-those suspect rows are NOT recorded, so the rerun measures them again.
+those suspect rows are NOT recorded, so the rerun measures them again. A per-job timeout
+(``MeasureConfig.timeout_s``) is the target's to enforce: a run that never returns stops the profile.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, co
         console.print(f"[bold]{target.id}[/]: {len(jobs)} unique jobs, {len(jobs) - len(todo)} already in "
                       f"{store.path}, {len(todo)} to measure")
     loop = _Loop(target, store, config, max_run_failures)
+    if progress and loop.device.emulated:
+        console.print("[yellow]the device is emulated: rows are marked emulated; their timings are not latencies[/]")
     interrupted = False
     try:
         _run_all(loop, todo, progress, console)
