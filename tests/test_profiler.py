@@ -158,3 +158,21 @@ def test_profile_cli_errors_are_clear(tmp_path):
     assert res.exit_code == 0 and "measured" in res.output, res.output
     with LutStore.read(tmp_path / "ok.lut") as store:
         assert len(store) == 5 * 5 and {m.config.repeat for m in store.measurements()} == {3}
+
+
+def test_emulated_device_and_versions_are_recorded(tmp_path, tiny_graph):
+    from hwmpq.targets.base import DeviceInfo
+
+    class Emulated(FakeTarget):
+        def device(self):
+            return DeviceInfo("qemu-a72", {"kind": "qemu-aarch64"}, emulated=True)
+
+    target = Emulated()
+    with _store(tmp_path, target) as store:
+        out = io.StringIO()
+        profile(*tiny_graph, target, store, FAST, console=Console(file=out, width=200))
+        assert "emulated" in out.getvalue()
+        rows = store.measurements()
+        assert rows and all(m.emulated and m.device == "qemu-a72" for m in rows)
+        assert all(m.versions["torch"] == torch.__version__ and m.versions["hwmpq"] for m in rows)
+        assert store.frame()["emulated"].all() and store.meta["emulated"] == "1"
