@@ -46,11 +46,11 @@ def _matrix_table(matrix, title: str):
     table = Table(title=title, title_justify="left")
     table.add_column("layer")
     for c in matrix.columns:
-        table.add_column(f"{c} ms", justify="right")
+        table.add_column(c, justify="right")
     for i, label in enumerate(matrix.rows):
         cells = []
         for j in range(len(matrix.columns)):
-            v = matrix.latency_ms[i, j]
+            v = matrix.values[i, j]
             cells.append(f"{v:.4f}" if v == v else ("[red]failed[/]" if matrix.failed[i, j] else "-"))
         table.add_row(label, *cells)
     return table
@@ -85,6 +85,7 @@ def show_command(
     plot: Annotated[str | None, typer.Option(help="also write a layer x precision heatmap PNG here")] = None,
     model: Annotated[str | None, typer.Option(help="order rows by this model's layers")] = None,
     input_shape: Annotated[str | None, typer.Option(help="N,C,H,W for --model")] = None,
+    value: Annotated[str, typer.Option(help="latency_ms | p10_ms | p90_ms | energy_mj")] = "latency_ms",
 ) -> None:
     """Print the LUT as a layer x precision table (plus transitions and the per-model overhead)."""
     from .plot import layer_matrix, pick_config, plot_heatmap
@@ -103,8 +104,12 @@ def show_command(
     if other:
         console.print(f"[yellow]showing config {df['config_key'].iloc[0]}; rows of other measurement configs "
                       f"{other} are not shown[/]")
-    matrix = layer_matrix(df, order)
-    console.print(_matrix_table(matrix, "layers: median latency_ms"))
+    try:
+        matrix = layer_matrix(df, order, value)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    note = f" ({', '.join(sorted(set(df['energy_source'])))})" if value == "energy_mj" and len(df) else ""
+    console.print(_matrix_table(matrix, f"layers: {value}{note}"))
     tr = _transition_table(df)
     if tr is not None:
         console.print(tr)

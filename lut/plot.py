@@ -15,13 +15,14 @@ from hwmpq.records import Precision
 
 @dataclass(frozen=True)
 class LayerMatrix:
-    """``latency_ms[r, c]`` for row label r and precision column c; NaN where not measured or failed
-    (``failed[r, c]`` tells which)."""
+    """``values[r, c]`` (the column ``value``, e.g. latency_ms) for row label r and precision column c;
+    NaN where not measured or failed (``failed[r, c]`` tells which)."""
 
     rows: tuple[str, ...]
     columns: tuple[str, ...]
-    latency_ms: np.ndarray
+    values: np.ndarray
     failed: np.ndarray
+    value: str = "latency_ms"
 
 
 def short_shape(description: str | None) -> str:
@@ -57,9 +58,15 @@ def pick_config(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return df[df["config_key"] == counts.index[0]], list(counts.index[1:])
 
 
-def layer_matrix(df: pd.DataFrame, order: Sequence[tuple[str, str]] | None = None) -> LayerMatrix:
+VALUES = ("latency_ms", "p10_ms", "p90_ms", "energy_mj")
+
+
+def layer_matrix(df: pd.DataFrame, order: Sequence[tuple[str, str]] | None = None,
+                 value: str = "latency_ms") -> LayerMatrix:
     """The layer rows of a LUT frame as a matrix. ``order``: (row label, signature) pairs, e.g. the model's
     layers in execution order; by default one row per signature, labelled by its shape."""
+    if value not in VALUES:
+        raise ValueError(f"cannot show {value!r}; choose one of {VALUES}")
     layers = df[df["kind"] == "layer"].sort_values("time_unix")
     cols = _column_order(layers["precision"].dropna().tolist())
     if order is None:
@@ -74,10 +81,10 @@ def layer_matrix(df: pd.DataFrame, order: Sequence[tuple[str, str]] | None = Non
             r = cell.get((sig, col))
             if r is not None:
                 if r.ok:
-                    lat[i, j] = r.latency_ms
+                    lat[i, j] = getattr(r, value)
                 else:
                     failed[i, j] = True
-    return LayerMatrix(tuple(label for label, _ in order), tuple(cols), lat, failed)
+    return LayerMatrix(tuple(label for label, _ in order), tuple(cols), lat, failed, value)
 
 
 def plot_heatmap(matrix: LayerMatrix, path: str | os.PathLike, title: str = "") -> None:
@@ -88,17 +95,17 @@ def plot_heatmap(matrix: LayerMatrix, path: str | os.PathLike, title: str = "") 
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    n_rows, n_cols = matrix.latency_ms.shape
+    n_rows, n_cols = matrix.values.shape
     if n_rows == 0 or n_cols == 0:
-        raise ValueError("the LUT has no layer measurements to plot")
+        raise ValueError(f"the LUT has no layer {matrix.value} values to plot")
     fig, ax = plt.subplots(figsize=(1.3 + 1.1 * n_cols + 3.0, 1.2 + 0.32 * n_rows))
-    data = np.ma.masked_invalid(matrix.latency_ms)
-    finite = matrix.latency_ms[np.isfinite(matrix.latency_ms)]
+    data = np.ma.masked_invalid(matrix.values)
+    finite = matrix.values[np.isfinite(matrix.values)]
     norm = LogNorm(vmin=max(finite.min(), 1e-6), vmax=max(finite.max(), 2e-6)) if finite.size else None
     im = ax.imshow(data, aspect="auto", cmap="viridis", norm=norm)
     for i in range(n_rows):
         for j in range(n_cols):
-            v = matrix.latency_ms[i, j]
+            v = matrix.values[i, j]
             if np.isfinite(v):
                 r, g, b, _ = im.cmap(im.norm(v))
                 dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.55
@@ -109,9 +116,9 @@ def plot_heatmap(matrix: LayerMatrix, path: str | os.PathLike, title: str = "") 
     ax.set_xticks(range(n_cols), matrix.columns)
     ax.set_yticks(range(n_rows), matrix.rows, fontsize=7)
     ax.set_xlabel("precision")
-    ax.set_title(title or "latency_ms per layer and precision", fontsize=9)
+    ax.set_title(title or f"{matrix.value} per layer and precision", fontsize=9)
     if norm is not None:
-        fig.colorbar(im, ax=ax, label="latency_ms (log scale)")
+        fig.colorbar(im, ax=ax, label=f"{matrix.value} (log scale)")
     fig.tight_layout()
     tmp = f"{os.fspath(path)}.tmp.png"
     try:
