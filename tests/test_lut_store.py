@@ -213,6 +213,9 @@ def test_lut_cli_show_plot_export_import_merge(tmp_path, fake_lut):
     assert res.exit_code == 0, res.output
     assert "conv1" in res.output and "w8a8" in res.output and "fp32" in res.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    res = runner.invoke(app, ["lut", "show", path, "--value", "p90_ms"])
+    assert res.exit_code == 0 and "layers: p90_ms" in res.output, res.output
+    assert runner.invoke(app, ["lut", "show", path, "--value", "speed"]).exit_code == 2
     res = runner.invoke(app, ["lut", "export", path, "--format", "csv", "--out", str(tmp_path / "x.csv")])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["lut", "import", str(tmp_path / "x.csv"), "--into", str(tmp_path / "y.lut")])
