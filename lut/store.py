@@ -145,7 +145,10 @@ class LutStore:
         """Open (creating if absent) the LUT at ``path`` for ``target`` on ``device``."""
         p = Path(path)
         if not p.exists():
-            _create_atomically(p, target, device)
+            try:
+                _create_atomically(p, target, device)
+            except (OSError, sqlite3.Error) as e:
+                raise LutError(f"{p}: cannot create the LUT file ({e}); choose a writable path") from None
         store = cls._open_existing(p)
         problems = store._foreign_problems(target, device)
         if problems:
