@@ -271,7 +271,10 @@ class LutStore:
         args: tuple = (kind, signature, precision.w_bits, precision.a_bits, sw, sa, config.key)
         if not self._any_device:
             sql, args = sql + " AND device=? AND target=? AND schema_version=?", args + self._id
-        rows = [dict(r) for r in self._conn.execute(sql, args)]
+        try:
+            rows = [dict(r) for r in self._conn.execute(sql, args)]
+        except sqlite3.DatabaseError as e:  # e.g. a forced LUT of another schema version
+            raise CorruptLutError(f"{self.path}: reading a measurement failed ({e})") from None
         if not rows:
             return None
         rows.sort(key=lambda r: (r["device"], r["target"], r["schema_version"]) != self._id)
