@@ -1,0 +1,253 @@
+"""Pareto fronts of NEMO, the HAWQ-V3-style ILP, SSPS (one run per budget) and uniform plans on one plot.
+
+    python bench/pareto/bench_pareto.py --models resnet20,mobilenetv2 --out runs/pareto
+    python bench/pareto/bench_pareto.py --models test_small --target fake --data-limit 2000 --quick   # smoke
+
+Per model (Fashion-MNIST, 1x28x28, target ort-x86 by default): train the float model (or --weights-MODEL),
+profile the LUT (missing entries only; reused on reruns), then build each method's front. Every plan of
+every method is scored by the same accuracy proxy (quantize_ + calibration on 256 training images, no
+fine-tuning; top-1 on a fixed val slice) so the fronts are comparable; SSPS's own supernet weights are
+not used for its score. Hypervolume is in (error, LUT-predicted latency) with one reference point per
+model. Budgets are fractions of the span from the fastest plan the LUT allows (0) to the fp32 plan (1).
+Picked plans (per method, per export budget) are exported with the target and measured end to
+end; the plot shows measured latency for those (filled markers) and LUT predictions for the rest
+(hollow). Writes <out>/<model>/{fronts.png, fronts_predicted.png, <method>.json/.csv, summary.json} and
+<out>/summary.csv. Timings are noisy on this shared machine: the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hwmpq.records import FP32, atomic_write_text
+from hwmpq.search.base import Budget, BudgetError, SearchInputs, run_search
+from hwmpq.search.evaluate_pool import Evaluator, ProxyConfig, make_context, points_from_jobs
+from hwmpq.search.ilp import ILPConfig
+from hwmpq.search.loop import LoopConfig, prepare
+from hwmpq.search.nemo import NEMOConfig
+from hwmpq.search.pareto import (
+    NoPlanWithinBudget,
+    hypervolume,
+    load_front,
+    objective_matrix,
+    pareto_front,
+    pick,
+    plot_fronts,
+    save_front,
+    with_measured,
+)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def uniform_front(ctx, pctx, params, workers: int) -> tuple[list, dict]:
+    t0 = time.perf_counter()
+    table = ctx.table
+    jobs = []
+    for p in range(len(table.candidates)):
+        if table.allowed[:, p].any():
+            job = tuple(p if table.allowed[layer, p] else int(np.flatnonzero(table.allowed[layer])[0])
+                        for layer in range(len(table.fqns)))
+            jobs.append(job)
+    jobs = list(dict.fromkeys(jobs))
+    with Evaluator(pctx, workers=workers) as ev:
+        accs = ev.map(jobs)
+    pts = points_from_jobs(table, jobs, accs, params, "uniform", "")
+    return pts, {"evaluations": len(jobs), "wall_s": time.perf_counter() - t0}
+
+
+def ssps_front(ctx, pctx, params, fractions: list[float], a) -> tuple[list, dict]:
+    from hwmpq.search.ssps import SSPSConfig
+
+    t0 = time.perf_counter()
+    jobs, notes = [], []
+    cfg = SSPSConfig(epochs=a.ssps_epochs, warmup_epochs=1, limit_batches=a.ssps_limit_batches)
+    for f in fractions:
+        inputs = SearchInputs(ctx.model, ctx.splits, ctx.table, Budget(latency_ms=span_budget(ctx.table, f)),
+                              ctx.example_input,
+                              seed=a.seed, progress=False, log=_log)
+        try:
+            res = run_search(inputs, cfg)
+        except BudgetError as e:
+            notes.append(f"{f}x: {e}")
+            continue
+        jobs.append(tuple(ctx.table.index(res.plan)))
+        notes.append(f"{f}x: repaired={res.repaired}")
+    with Evaluator(pctx, workers=0) as ev:
+        accs = ev.map(jobs)
+    pts = points_from_jobs(ctx.table, jobs, accs, params, "ssps", "")
+    return pts, {"evaluations": len(jobs), "runs": len(fractions), "wall_s": time.perf_counter() - t0, "notes": notes}
+
+
+def span_budget(table, fraction: float) -> float:
+    """Budget ``fraction`` of the way from the fastest plan the LUT allows (0) to the fp32 plan (1)."""
+    lo = table.min_latency_ms()
+    hi = table.predict_indices([table.candidates.index(FP32)] * len(table.fqns))[0]
+    return lo + fraction * (hi - lo) + 1e-9
+
+
+def strategy_front(ctx, config, name: str) -> tuple[list, dict]:
+    t0 = time.perf_counter()
+    slowest = float(np.nanmax(np.where(ctx.table.allowed, ctx.table.layer_ms, np.nan), axis=1).sum())
+    inputs = SearchInputs(ctx.model, ctx.splits, ctx.table, Budget(latency_ms=10 * slowest + ctx.table.constant_ms),
+                          ctx.example_input, progress=True, log=_log)
+    res = run_search(inputs, config)
+    pts = load_front(Path(config.out_dir) / "front.json")
+    return pts, {"evaluations": res.trace.get("evaluations"), "wall_s": time.perf_counter() - t0,
+                 "backend": res.trace.get("backend")}
+
+
+def export_measured(ctx, fronts: dict, fractions: list[float], out: Path, proxy: ProxyConfig) -> dict:
+    """Pick per method and budget, export (quantize_ + calibration, as the proxy scored it), measure."""
+    from hwmpq.qmodules import calibrate, quantize_
+
+    if not hasattr(ctx.target, "export"):
+        _log(f"target {ctx.target.id} cannot export whole models: nothing measured")
+        return {}
+    cache: dict[tuple, float | None] = {}
+    calib = make_context(ctx.model, ctx.splits, ctx.table.fqns, ctx.table.candidates, proxy).calib_x
+    for method, pts in fronts.items():
+        for f in fractions if pts else []:
+            try:
+                p = pick(pts, budget_ms=span_budget(ctx.table, f))
+            except NoPlanWithinBudget:
+                continue
+            key = p.plan.layers
+            if key not in cache:
+                model = quantize_(copy.deepcopy(ctx.model), p.plan)
+                calibrate(model, [calib])
+                exp = ctx.target.export(model.eval(), p.plan, ctx.example_input, str(out / f"export_{len(cache)}"))
+                run = ctx.target.measure_artifact(exp, ctx.measure)
+                cache[key] = statistics.median(run.latencies_ms) if run.latencies_ms else None
+                _log(f"measured {method} @ {f}x: predicted {p.latency_ms:.4f} ms, measured {cache[key]} ms")
+            if cache[key] is not None:
+                fronts[method] = [with_measured(q, cache[key]) if q.plan.layers == key else q for q in fronts[method]]
+    return {str(k): v for k, v in cache.items()}
+
+
+def run_model(name: str, a, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    weights = getattr(a, f"weights_{name}", None) if hasattr(a, f"weights_{name}") else None
+    cfg = LoopConfig(method="uniform", model=name, data=a.data, data_limit=a.data_limit, weights=weights,
+                     pretrain_epochs=0 if weights else a.pretrain_epochs, target=a.target, lut=str(out / "lut.sqlite"),
+                     profile_missing=True, budget="1.0x", warmup=a.warmup, repeat=a.repeat, seed=a.seed,
+                     progress=False)
+    t0 = time.perf_counter()
+    ctx = prepare(cfg)
+    torch.save(ctx.model.state_dict(), out / "float.pt")
+    _log(f"{name}: float test acc {ctx.float_acc:.4f}, LUT ready ({time.perf_counter() - t0:.0f} s)")
+    from hwmpq.graph import analyse
+
+    spec = {s.fqn: s for s in analyse(ctx.model, ctx.example_input)[0]}
+    params = [spec[f].params for f in ctx.table.fqns]
+    proxy = ProxyConfig(calib_samples=256, eval_samples=a.eval_samples)
+    pctx = make_context(ctx.model, ctx.splits, ctx.table.fqns, ctx.table.candidates, proxy, a.seed)
+    fronts, stats = {}, {}
+    fronts["uniform"], stats["uniform"] = uniform_front(ctx, pctx, params, 0)
+    nemo_cfg = NEMOConfig(population=a.nemo_pop, generations=a.nemo_gens, workers=a.workers, proxy=proxy,
+                          out_dir=str(out / "nemo"), ray_address=a.ray)
+    fronts["nemo"], stats["nemo"] = strategy_front(ctx, nemo_cfg, "nemo")
+    ilp_cfg = ILPConfig(sweep_points=a.ilp_points, workers=a.workers, proxy=proxy, out_dir=str(out / "ilp"))
+    fronts["ilp"], stats["ilp"] = strategy_front(ctx, ilp_cfg, "ilp")
+    fronts["ssps"], stats["ssps"] = ssps_front(ctx, pctx, params, a.ssps_budgets, a)
+    measured = export_measured(ctx, fronts, a.export_budgets, out, proxy)
+    return summarise(name, ctx, fronts, stats, measured, out)
+
+
+def summarise(name: str, ctx, fronts: dict, stats: dict, measured: dict, out: Path) -> dict:
+    all_pts = [p for pts in fronts.values() for p in pts]
+    ref = (1.0, 1.05 * max(p.latency_ms for p in all_pts))
+    rows = []
+    for method, pts in fronts.items():
+        if not pts:
+            rows.append({"model": name, "method": method, "plans": 0, "front_2d": 0, "hv_err_lat": 0.0,
+                         "best_acc": float("nan"), "min_pred_ms": float("nan"), "measured_plans": 0,
+                         **{k: v for k, v in stats[method].items() if k != "notes"}})
+            continue
+        save_front(pts, out / f"{method}.json", {"method": method, "model": name})
+        F = objective_matrix(pts, ("error", "latency_ms"))
+        nd = pareto_front(pts, ("error", "latency_ms"))
+        rows.append({"model": name, "method": method, "plans": len(pts), "front_2d": len(nd),
+                     "hv_err_lat": hypervolume(F, ref), "best_acc": max(p.accuracy for p in pts),
+                     "min_pred_ms": min(p.latency_ms for p in pts), "measured_plans":
+                     sum(p.measured_ms is not None for p in pts), **{k: v for k, v in stats[method].items()
+                                                                     if k != "notes"}})
+    fronts = {m: pts for m, pts in fronts.items() if pts}
+    plot_fronts(fronts, out / "fronts.png", title=f"{name} on {ctx.target.id}: accuracy proxy vs latency")
+    plot_fronts(fronts, out / "fronts_predicted.png", title=f"{name}: LUT-predicted latency", x="latency_ms")
+    pred_vs_meas = [{"method": p.method, "predicted_ms": p.latency_ms, "measured_ms": p.measured_ms,
+                     "accuracy": p.accuracy} for p in all_pts if p.measured_ms is not None]
+    summary = {"model": name, "target": ctx.target.id, "float_test_acc": ctx.float_acc, "hv_ref": ref,
+               "rows": rows, "measured": pred_vs_meas, "ssps_notes": stats["ssps"].get("notes"),
+               "loadavg": os.getloadavg(), "torch_threads": torch.get_num_threads()}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet20,mobilenetv2")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--data-limit", type=int, default=12000, help="training images kept (val/test shrink too)")
+    ap.add_argument("--target", default="ort-x86")
+    ap.add_argument("--out", default="runs/pareto")
+    ap.add_argument("--pretrain-epochs", type=int, default=3)
+    ap.add_argument("--weights-resnet20", default=None)
+    ap.add_argument("--weights-mobilenetv2", default=None)
+    ap.add_argument("--eval-samples", type=int, default=600)
+    ap.add_argument("--nemo-pop", type=int, default=20)
+    ap.add_argument("--nemo-gens", type=int, default=5)
+    ap.add_argument("--ilp-points", type=int, default=8)
+    ap.add_argument("--ssps-budgets", type=_floats, default=_floats("0.2,0.5,0.8"),
+                    help="fractions of the span fastest plan (0) .. fp32 plan (1)")
+    ap.add_argument("--ssps-epochs", type=int, default=2)
+    ap.add_argument("--ssps-limit-batches", type=int, default=30)
+    ap.add_argument("--export-budgets", type=_floats, default=_floats("0.2,0.5,0.8"), help="as --ssps-budgets")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--ray", default=None, help="Ray address for NEMO/ILP evaluations (local, auto, ray://...)")
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run of the script")
+    a = ap.parse_args()
+    if a.quick:
+        a.pretrain_epochs, a.eval_samples, a.nemo_pop, a.nemo_gens, a.ilp_points = 1, 200, 8, 1, 3
+        a.ssps_budgets, a.ssps_epochs, a.ssps_limit_batches, a.workers = [0.5], 2, 5, 0
+        a.warmup, a.repeat = 5, 20
+    torch.set_num_threads(1)  # 2 shared cores; worker processes also use 1 thread each
+    out = Path(a.out)
+    summaries = [run_model(m, a, out / m) for m in a.models.split(",") if m]
+    rows = [r for s in summaries for r in s["rows"]]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+    atomic_write_text(out / "summary.csv", "\n".join(buf) + "\n")
+    print(f"{'model':<12} {'method':<8} {'plans':>5} {'HV(err,ms)':>10} {'best_acc':>8} {'min_ms':>8} "
+          f"{'evals':>6} {'wall_s':>7} {'measured':>8}")
+    for r in rows:
+        print(f"{r['model']:<12} {r['method']:<8} {r['plans']:>5} {r['hv_err_lat']:>10.4f} {r['best_acc']:>8.4f} "
+              f"{r['min_pred_ms']:>8.4f} {str(r.get('evaluations')):>6} {r['wall_s']:>7.0f} {r['measured_plans']:>8}")
+    for s in summaries:
+        for m in s["measured"]:
+            print(f"{s['model']:<12} {m['method']:<8} predicted {m['predicted_ms']:.4f} ms, measured "
+                  f"{m['measured_ms']:.4f} ms, acc {m['accuracy']:.4f}")
+    print(f"load average at the end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
