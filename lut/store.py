@@ -35,6 +35,13 @@ _VALUE_COLS = ("latency_ms", "p10_ms", "p90_ms", "n", "energy_mj", "energy_sourc
                "time_unix", "versions_json") + _CONFIG_COLS
 COLUMNS = _KEY_COLS + _VALUE_COLS
 
+# jobs a profiler started and has not committed: a process that dies inside a job (a native crash in a
+# backend, or a kill) leaves its row here, so a job that keeps killing the profiler can be given up on
+_INFLIGHT_DDL = f"""
+CREATE TABLE IF NOT EXISTS inflight ({", ".join(f"{c} {'INTEGER' if 'bits' in c else 'TEXT'} NOT NULL"
+                                               for c in _KEY_COLS[:9])},
+  attempts INTEGER NOT NULL, started_unix REAL NOT NULL, PRIMARY KEY ({", ".join(_KEY_COLS[:9])}));
+"""
 _DDL = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE measurements (
@@ -49,7 +56,7 @@ CREATE TABLE measurements (
 );
 CREATE TABLE shapes (kind TEXT NOT NULL, signature TEXT NOT NULL, description TEXT NOT NULL,
   PRIMARY KEY (kind, signature));
-"""
+""" + _INFLIGHT_DDL
 
 
 class LutError(ValueError):
@@ -183,6 +190,7 @@ class LutStore:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(_INFLIGHT_DDL)  # LUTs written before this table existed get it here
             except sqlite3.OperationalError:  # a read-only file or folder: reading still works
                 pass
         except sqlite3.DatabaseError as e:
@@ -246,6 +254,23 @@ class LutStore:
         sql = f"INSERT OR REPLACE INTO measurements ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         with self._transaction():
             self._conn.execute(sql, [row[c] for c in COLUMNS])
+            self._conn.execute(_INFLIGHT_WHERE.replace("SELECT attempts FROM", "DELETE FROM"), _job_key(m))
+
+    def job_started(self, m: Measurement) -> int:
+        """Note that the job keyed like ``m`` is being measured; returns how many earlier attempts were
+        left unfinished (their process died). :meth:`add` of its result, or :meth:`job_abandoned`, clears it."""
+        key = _job_key(m)
+        with self._transaction():
+            r = self._conn.execute(_INFLIGHT_WHERE, key).fetchone()
+            before = int(r[0]) if r else 0
+            self._conn.execute(f"INSERT OR REPLACE INTO inflight VALUES ({', '.join('?' * 11)})",
+                               (*key, before + 1, time.time()))
+        return before
+
+    def job_abandoned(self, m: Measurement) -> None:
+        """The job keyed like ``m`` stopped without a crash (interrupt, dead device): forget the attempt."""
+        with self._transaction():
+            self._conn.execute(_INFLIGHT_WHERE.replace("SELECT attempts FROM", "DELETE FROM"), _job_key(m))
 
     def note_shape(self, kind: str, signature: str, description: Mapping[str, Any] | str) -> None:
         """Remember what a signature stands for (layer shape fields, tensor shape)."""
@@ -365,6 +390,14 @@ class _Transaction:
                 self.conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # nothing to roll back: the original exception is what matters
+
+
+_INFLIGHT_WHERE = f"SELECT attempts FROM inflight WHERE {' AND '.join(f'{c}=?' for c in _KEY_COLS[:9])}"
+
+
+def _job_key(m: Measurement) -> tuple:
+    row = measurement_to_row(m)
+    return tuple(row[c] for c in _KEY_COLS[:9])
 
 
 # ---------------------------------------------------------------------- row <-> record

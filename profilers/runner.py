@@ -10,6 +10,7 @@ those suspect rows are NOT recorded, so the rerun measures them again. A per-job
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -77,10 +78,14 @@ def _energy(target, job: MeasureJob, latency_ms: float) -> tuple[float | None, s
     return (None if mj is None or not math.isfinite(mj) else float(mj)), str(source)
 
 
+def _fields(job: MeasureJob, target, config: MeasureConfig, device) -> dict:
+    return dict(signature=job.signature, precision=job.precision, target=target.id, device=device.fingerprint,
+                config=config, kind=job.kind, src_precision=job.src_precision, emulated=bool(device.emulated))
+
+
 def measure_job(job: MeasureJob, target, config: MeasureConfig, device) -> tuple[Measurement, bool]:
     """Build and time one job; returns (measurement, True if the build worked but the run failed)."""
-    base = dict(signature=job.signature, precision=job.precision, target=target.id, device=device.fingerprint,
-                config=config, kind=job.kind, src_precision=job.src_precision, emulated=bool(device.emulated))
+    base = _fields(job, target, config, device)
     build = job.build(target)
     if build.error_msg or build.artifact is None:
         msg = f"build failed: {build.error_msg or 'no artifact'}"
@@ -115,17 +120,29 @@ def pending_jobs(jobs: Sequence[MeasureJob], store, config: MeasureConfig, retry
 class _Loop:
     """The measuring loop's state, so that an interrupt can say exactly what was kept."""
 
-    def __init__(self, target, store, config: MeasureConfig, max_run_failures: int) -> None:
+    def __init__(self, target, store, config: MeasureConfig, max_run_failures: int, max_crashes: int) -> None:
         self.target, self.store, self.config = target, store, config
         self.device = target.device()
-        self.max_run_failures = max_run_failures
+        self.max_run_failures, self.max_crashes = max_run_failures, max_crashes
+        self.current: Measurement | None = None  # key of the job being measured (not yet committed)
         self.measured = self.failed = self.dropped = 0
         self.suspect: list[Measurement] = []  # consecutive run failures, held back until a run succeeds
         self.stop_reason: str | None = None
 
     def step(self, job: MeasureJob) -> None:
+        probe = Measurement(latency_ms=None, **_fields(job, self.target, self.config, self.device))
+        died = self.store.job_started(probe)
+        if self.max_crashes > 0 and died >= self.max_crashes:
+            self.store.add(dataclasses.replace(
+                probe, time_unix=time.time(), versions=tool_versions(),
+                error_msg=f"the profiler process died {died} times while measuring this job (a crash in the "
+                          "backend?); not tried again (--retry-failed tries it)"))
+            self.failed += 1
+            return
+        self.current = probe
         m, run_failed = measure_job(job, self.target, self.config, self.device)
         if run_failed and self.max_run_failures > 0:
+            self.store.job_abandoned(m)
             self.suspect.append(m)
             if len(self.suspect) >= self.max_run_failures:
                 self.stop_reason = (
@@ -137,6 +154,7 @@ class _Loop:
         if m.ok:  # only a successful run shows the device is alive (a build failure says nothing)
             self.flush()
         self.store.add(m)
+        self.current = None
         self.measured += m.ok
         self.failed += not m.ok
 
@@ -150,11 +168,12 @@ class _Loop:
 
 def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, config: MeasureConfig, *,
             progress: bool = True, transitions: bool = True, retry_failed: bool = False,
-            max_run_failures: int = 5, console=None) -> ProfileReport:
+            max_run_failures: int = 5, max_crashes: int = 2, console=None) -> ProfileReport:
     """Measure every unique job of the model that ``store`` lacks, committing each as it completes.
 
-    Ctrl-C stops cleanly (committed rows stay; run the same command again to resume). ``console``: a
-    rich Console for progress and messages (default: stderr)."""
+    Ctrl-C stops cleanly (committed rows stay; run the same command again to resume). A job inside which
+    the process died ``max_crashes`` times (a native crash in a backend) is recorded as failed instead of
+    crashing every rerun. ``console``: a rich Console for progress and messages (default: stderr)."""
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -165,7 +184,7 @@ def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, co
     if progress:
         console.print(f"[bold]{target.id}[/]: {len(jobs)} unique jobs, {len(jobs) - len(todo)} already in "
                       f"{store.path}, {len(todo)} to measure")
-    loop = _Loop(target, store, config, max_run_failures)
+    loop = _Loop(target, store, config, max_run_failures, max_crashes)
     if progress and loop.device.emulated:
         console.print("[yellow]the device is emulated: rows are marked emulated; their timings are not latencies[/]")
     interrupted = False
@@ -174,6 +193,8 @@ def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, co
         loop.flush()
     except KeyboardInterrupt:
         interrupted = True
+        if loop.current is not None:  # an interrupt is not a crash: do not count the attempt
+            store.job_abandoned(loop.current)
         loop.dropped += len(loop.suspect)
         loop.suspect.clear()
     report = ProfileReport(total=len(jobs), skipped=len(jobs) - len(todo), measured=loop.measured,

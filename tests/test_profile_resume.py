@@ -34,6 +34,14 @@ def _rows(path: Path) -> dict[tuple, tuple]:
         return {}
 
 
+def _inflight(path: Path) -> int:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM inflight").fetchone()[0])
+    finally:
+        conn.close()
+
+
 def _profile(lut: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "hwmpq", "profile", *ARGS, "--lut", str(lut)], cwd=REPO,
@@ -60,6 +68,7 @@ def test_sigkill_mid_profile_loses_nothing(tmp_path):
     kept = _rows(lut)
     assert len(kept) >= KILL_AT_ROWS
     assert all(v[0] is not None and v[0] > 0 for v in kept.values()), kept  # committed rows are whole
+    assert _inflight(lut) <= 1  # at most the job it died in is marked as started and unfinished
 
     # the rerun goes through the same CLI in this process (one interpreter start less in the test budget)
     import typer
@@ -72,6 +81,7 @@ def test_sigkill_mid_profile_loses_nothing(tmp_path):
     done = CliRunner().invoke(app, ["profile", *ARGS[:-1], "--lut", str(lut)])
     assert done.exit_code == 0, done.output
     final = _rows(lut)
+    assert _inflight(lut) == 0
     total = len(final)
     assert total > len(kept), "the first run was not killed mid-run; make the profile slower"
     assert f"{len(kept)} already in" in done.output, done.output

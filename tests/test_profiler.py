@@ -20,7 +20,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from hwmpq.graph import analyse
-from hwmpq.records import MeasureConfig, Precision, RunResult
+from hwmpq.records import MeasureConfig, Measurement, Precision, RunResult
 from hwmpq.zoo import create_model
 
 FAST = MeasureConfig(warmup=2, repeat=5)
@@ -176,3 +176,34 @@ def test_emulated_device_and_versions_are_recorded(tmp_path, tiny_graph):
         assert rows and all(m.emulated and m.device == "qemu-a72" for m in rows)
         assert all(m.versions["torch"] == torch.__version__ and m.versions["hwmpq"] for m in rows)
         assert store.frame()["emulated"].all() and store.meta["emulated"] == "1"
+
+
+def test_job_that_kills_the_profiler_twice_is_recorded_as_failed(tmp_path, tiny_graph):
+    """The crash itself is simulated (a native crash cannot be survived in-process): two earlier
+    processes that died inside the same job leave two attempts behind in the LUT's inflight table."""
+    specs, edges = tiny_graph
+    ran = []
+
+    class Counting(FakeTarget):
+        def run(self, build, config):
+            ran.append(build.artifact)
+            return super().run(build, config)
+
+    target = Counting()
+    jobs = plan_jobs(specs, edges, target)
+    crasher, once = jobs[3], jobs[5]
+    def key(job):
+        return Measurement(job.signature, job.precision, target.id, target.device().fingerprint, None,
+                           config=FAST, kind=job.kind, src_precision=job.src_precision)
+
+    with _store(tmp_path, target) as store:
+        assert [store.job_started(key(crasher)) for _ in range(2)] == [0, 1]
+        assert store.job_started(key(once)) == 0  # one death (e.g. a kill) is not enough to give up
+        rep = profile(specs, edges, target, store, FAST, progress=False)
+        assert rep.complete and rep.failed == 1 and rep.measured == len(jobs) - 1 and len(ran) == len(jobs) - 1
+        m = store.get(crasher.kind, crasher.signature, crasher.precision, FAST)
+        assert not m.ok and "died 2 times" in m.error_msg
+        assert store.get(once.kind, once.signature, once.precision, FAST).ok
+        assert store._conn.execute("SELECT COUNT(*) FROM inflight").fetchone()[0] == 0
+        again = profile(specs, edges, target, store, FAST, progress=False, retry_failed=True)
+        assert again.measured == 1 and store.get(crasher.kind, crasher.signature, crasher.precision, FAST).ok
