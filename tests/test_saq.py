@@ -117,3 +117,12 @@ def test_saq_search_end_to_end_on_digits():
     quantized = {n for n, m in res.model.named_modules() if isinstance(m, QuantLayer)}
     assert quantized == {f for f, p in res.plan.layers if not p.is_float}
     assert 0.0 <= evaluate(res.model, splits.loader("val")) <= 1.0
+
+
+def test_config_from_the_search_cli_options():
+    cfg = SAQConfig.from_options({"epochs": 4, "warmup_epochs": 1, "limit_batches": 20, "batch_size": 32,
+                                  "lam": 2.0, "a_lr": 0.05, "rho": 0.1, "checkpoint": None})
+    assert (cfg.warmup_steps, cfg.search_steps, cfg.batch_size, cfg.rho) == (20, 60, 32, 0.1)
+    assert cfg.lam == SAQConfig().lam  # the CLI's hinge weight means something else
+    with pytest.raises(ValueError, match="SAQConfig"):
+        SAQConfig(rho=0.0)

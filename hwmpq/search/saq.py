@@ -65,6 +65,21 @@ class SAQConfig:
                              "learning rates and rho > 0, lam >= 0, 0 <= baseline_momentum < 1")
 
 
+    @classmethod
+    def from_options(cls, options: dict, steps_per_epoch: int = 50) -> SAQConfig:
+        """From the epoch-based options of ``hwmpq search`` (epochs, warmup_epochs, limit_batches, batch_size,
+        plus any SAQConfig field by name); other keys (a_lr, w_lr, cost_loss, checkpoint, ...) are ignored
+        because they mean something else here. An epoch is ``limit_batches`` (else ``steps_per_epoch``) steps."""
+        per_epoch = options.get("limit_batches") or steps_per_epoch
+        epochs, warm = options.get("epochs", 4), options.get("warmup_epochs", 1)
+        fields = {"warmup_steps": warm * per_epoch, "search_steps": max(0, epochs - warm) * per_epoch}
+        if options.get("batch_size"):
+            fields["batch_size"] = options["batch_size"]
+        known = set(cls.__dataclass_fields__)
+        fields.update({k: v for k, v in options.items() if k in known and k != "lam" and v is not None})
+        return cls(**fields)
+
+
 register_record(SAQConfig)
 
 
@@ -212,6 +227,37 @@ def _select(view: _PlanView, supernet, table: LatencyTable, budget: Budget, gen:
     return plans[best], repaired, notes, scored
 
 
+def _warm_up(view: _PlanView, table: LatencyTable, config: SAQConfig, w_opt, step_fn, train_it, rng,
+             inputs: SearchInputs) -> list[float]:
+    """One-shot supernet training: weight steps on uniformly random plans."""
+    losses = []
+    for step in range(config.warmup_steps):
+        losses.append(_weight_step(view, _random_plan(table, rng), next(train_it), w_opt, step_fn))
+        if inputs.progress and (step + 1) % 20 == 0:
+            inputs.log(f"saq warm-up {step + 1}/{config.warmup_steps}: loss {np.mean(losses[-20:]):.3f}")
+    return losses
+
+
+def _search(view: _PlanView, gen: PlanGenerator, config: SAQConfig, w_opt, step_fn, train_it, val_it, rng,
+            inputs: SearchInputs) -> list[dict]:
+    """Alternate a weight step on a generator plan and a REINFORCE update of the generator."""
+    g_opt = torch.optim.Adam(gen.parameters(), lr=config.generator_lr)
+    baseline: list[float | None] = [None]
+    trace = []
+    for step in range(config.search_steps):
+        with torch.no_grad():
+            idx = gen.sample(1, rng)[0][0].tolist()
+        w_loss = _weight_step(view, idx, next(train_it), w_opt, step_fn)
+        batch = next(val_it)
+        rec = generator_update(gen, g_opt, inputs.table, inputs.budget,
+                               lambda p, b=batch: _val_loss(view, p, b), config, baseline, rng)
+        trace.append({"step": step, "weight_loss": w_loss, **rec})
+        if inputs.progress and (step + 1) % 20 == 0:
+            inputs.log(f"saq search {step + 1}/{config.search_steps}: loss {rec['loss']:.3f} cost {rec['cost']:.4g} "
+                       f"entropy {rec['entropy']:.2f}")
+    return trace
+
+
 @register_strategy(SAQConfig)
 def saq_search(inputs: SearchInputs, config: SAQConfig) -> SearchResult:
     """Run SAQ's search (module docstring); ``inputs.model`` is not modified."""
@@ -228,26 +274,10 @@ def saq_search(inputs: SearchInputs, config: SAQConfig) -> SearchResult:
     w_opt = torch.optim.SGD(supernet.weight_parameters(), lr=config.weight_lr, momentum=0.9)
     step_fn = SAMStep(rho=config.rho) if config.sam else None
     gen = PlanGenerator(table.allowed)
-    g_opt = torch.optim.Adam(gen.parameters(), lr=config.generator_lr)
     train_it = _batches(inputs.splits, "train", config.batch_size, inputs.seed)
     val_it = _batches(inputs.splits, "val", config.batch_size, inputs.seed + 1)
-    trace: dict = {"warmup_loss": [], "search": []}
-    for step in range(config.warmup_steps):
-        trace["warmup_loss"].append(_weight_step(view, _random_plan(table, rng), next(train_it), w_opt, step_fn))
-        if inputs.progress and (step + 1) % 20 == 0:
-            inputs.log(f"saq warm-up {step + 1}/{config.warmup_steps}: loss {np.mean(trace['warmup_loss'][-20:]):.3f}")
-    baseline: list[float | None] = [None]
-    for step in range(config.search_steps):
-        with torch.no_grad():
-            idx = gen.sample(1, rng)[0][0].tolist()
-        w_loss = _weight_step(view, idx, next(train_it), w_opt, step_fn)
-        batch = next(val_it)
-        rec = generator_update(gen, g_opt, table, budget, lambda p, b=batch: _val_loss(view, p, b), config,
-                               baseline, rng)
-        trace["search"].append({"step": step, "weight_loss": w_loss, **rec})
-        if inputs.progress and (step + 1) % 20 == 0:
-            inputs.log(f"saq search {step + 1}/{config.search_steps}: loss {rec['loss']:.3f} cost {rec['cost']:.4g} "
-                       f"entropy {rec['entropy']:.2f}")
+    trace: dict = {"warmup_loss": _warm_up(view, table, config, w_opt, step_fn, train_it, rng, inputs)}
+    trace["search"] = _search(view, gen, config, w_opt, step_fn, train_it, val_it, rng, inputs)
     sel_batches = [next(val_it) for _ in range(config.sharpness_batches)]
     idx, repaired, notes, scored = _select(view, supernet, table, budget, gen, config, sel_batches, rng)
     trace["candidates"] = scored
