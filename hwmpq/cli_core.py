@@ -123,17 +123,13 @@ def _load_plan_for(model, example, plan_path: Path):
     return plan
 
 
-def _qat_hooks(model, sam: bool, rho: float, stat_assist: bool, grad_boost: bool) -> dict:
-    """fit() keywords for SAM / StatAssist / GradBoost from hwmpq.qat_options (engineer F's part)."""
-    if not (sam or stat_assist or grad_boost):
-        return {}
-    from . import qat_options
+def _qat_options(a: dict):
+    """QATOptions from the flags (hwmpq.qat_options, engineer F's part), or None for plain QAT."""
+    if not (a["sam"] or a["stat_assist"] or a["grad_boost"]):
+        return None
+    from .qat_options import QATOptions
 
-    if not hasattr(qat_options, "fit_hooks"):
-        raise ValueError("--sam/--stat-assist/--grad-boost are not available yet: hwmpq.qat_options.fit_hooks "
-                         "is not built in this version")
-    options = qat_options.QATOptions(sam=sam, rho=rho, stat_assist=stat_assist, grad_boost=grad_boost)
-    return dict(qat_options.fit_hooks(options, model))
+    return QATOptions(sam=a["sam"], rho=a["rho"], stat_assist=a["stat_assist"], grad_boost=a["grad_boost"])
 
 
 def _summary(out: Path, args: dict, result, test_acc: float, wall_s: float) -> dict:
@@ -191,13 +187,20 @@ def _train(a: dict, lr: float) -> dict:
     splits = _limit(load_dataset(a["data"], seed=a["seed"]), a["limit"])
     model = load_model(a["model"], num_classes=splits.num_classes, in_chans=splits.input_shape[0],
                        weights=a["weights"])
+    fit_kw = dict(epochs=a["epochs"], lr=lr, batch_size=a["batch_size"], seed=a["seed"], progress=a["progress"])
     hooks = {}
     if a["qat"]:
         plan = _load_plan_for(model, torch.zeros(1, *splits.input_shape), Path(a["plan"]))
-        prepare_qat(model, plan, splits, batch_size=a["batch_size"], seed=a["seed"])
-        hooks = _qat_hooks(model, a["sam"], a["rho"], a["stat_assist"], a["grad_boost"])
-    result = fit(model, splits, epochs=a["epochs"], lr=lr, batch_size=a["batch_size"], seed=a["seed"],
-                 checkpoint=a["out"], resume=a["resume"], progress=a["progress"], **hooks)
+        options = _qat_options(a)
+        if options is not None:
+            from .qat_options import fit_hooks, stat_assist
+
+            if not (a["resume"] and Path(a["out"]).is_file()):  # a resumed QAT run has had its warm-up
+                stat_assist(model, splits, options, **fit_kw)
+            hooks = fit_hooks(options, model)
+        prepare_qat(model, plan, splits, batch_size=a["batch_size"], seed=a["seed"],
+                    calibration_batches=4 if a["stat_assist"] else 1)
+    result = fit(model, splits, checkpoint=a["out"], resume=a["resume"], **fit_kw, **hooks)
     test_acc = evaluate(model, splits.loader("test", batch_size=512))
     if a["save_weights"]:
         save_weights(model, a["save_weights"])

@@ -43,9 +43,7 @@ def _from_file(spec: str, **kwargs) -> nn.Module:
     if not callable(fn):
         raise ModelLoadError(f"--model {spec!r}: {file} has no callable {factory!r}")
     try:
-        model = fn(**kwargs) if kwargs else fn()
-    except TypeError:
-        model = fn()
+        model = fn(**kwargs)
     except Exception as e:
         raise ModelLoadError(f"--model {spec!r}: factory {factory}() raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):

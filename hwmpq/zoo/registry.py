@@ -15,6 +15,13 @@ _MODULES = ("resnet", "mobilenet", "tiny", "frostnet")
 _loaded = False
 
 
+class UnknownModelError(KeyError, ValueError):
+    """No zoo model has that name (a KeyError for mapping-style callers, a ValueError for user input)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 def register_model(name: str, default_input: tuple[int, int, int, int] = (1, 3, 32, 32)):
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _FACTORIES[name] = fn
@@ -43,6 +50,8 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def default_input_shape(name: str, in_chans: int | None = None) -> tuple[int, int, int, int]:
     _load()
+    if name not in _DEFAULT_INPUT:
+        raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     n, c, h, w = _DEFAULT_INPUT[name]
     return (n, in_chans or c, h, w)
 
@@ -51,6 +60,6 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
     """Build a zoo model by name; unknown names get the list of known ones."""
     _load()
     if name not in _FACTORIES:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())} "
+        raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(list_models())} "
                        "(or pass path/to/file.py:factory)")
     return _FACTORIES[name](num_classes=num_classes, in_chans=in_chans, **kwargs)

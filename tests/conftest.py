@@ -1,0 +1,42 @@
+"""Shared fixtures: sklearn digits splits and a small model trained on them (session-scoped, copied per test).
+
+Keep this file small: fixtures used by one test file live in that file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hwmpq.data import Splits, load_digits
+
+
+@pytest.fixture(scope="session")
+def digits() -> Splits:
+    """sklearn digits, 1x8x8, 60/20/20 split with seed 0 (do not mutate)."""
+    return load_digits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def _tiny_trained_state(digits: Splits) -> dict[str, torch.Tensor]:
+    from hwmpq.train import fit
+    from hwmpq.zoo import create_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model trains faster on one thread (far faster on a busy machine)
+    try:
+        torch.manual_seed(0)
+        model = create_model("test_tiny", in_chans=1)
+        fit(model, digits, epochs=6, batch_size=32, lr=0.1, seed=0, progress=False, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def tiny_trained(_tiny_trained_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh float ``test_tiny`` (1x8x8, 10 classes) trained on digits (~0.9+ test accuracy), in eval mode."""
+    from hwmpq.zoo import create_model
+
+    model = create_model("test_tiny", in_chans=1)
+    model.load_state_dict(_tiny_trained_state)
+    return model.eval()
