@@ -144,6 +144,7 @@ def export_command(
 
 def _store_for_import(into: str, src: str, force: bool):
     """The LUT to import into: the existing file, or a new one with the identity the export names."""
+    import json
     from pathlib import Path
 
     from hwmpq.targets.base import DeviceInfo
@@ -161,10 +162,11 @@ def _store_for_import(into: str, src: str, force: bool):
         if len(ids) == 0:
             raise LutError(f"{src} has no rows to import")
         meta = {"device": str(ids["device"].iloc[0]), "target": str(ids["target"].iloc[0])}
+    if not meta.get("device") or not meta.get("target"):
+        raise LutError(f"{src}: its LUT meta names no device/target; import it into an existing LUT")
     details = meta.get("device_details", "{}")
-    import json
-
-    device = DeviceInfo(meta["device"], json.loads(details) if isinstance(details, str) else dict(details))
+    device = DeviceInfo(meta["device"], json.loads(details) if isinstance(details, str) else dict(details),
+                        emulated=str(meta.get("emulated", "0")) in ("1", "True", "true"))
     return LutStore.open(into, target=meta["target"], device=device, force=force)
 
 
