@@ -217,8 +217,8 @@ def sharpness(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], loss_f
                     loss_adv = loss_fn(model(x), y)
             finally:
                 pert.restore()
-            diffs.append(float(loss_adv) - float(loss))
-            losses.append(float(loss))
+            diffs.append(float(loss_adv) - float(loss.detach()))
+            losses.append(float(loss.detach()))
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was)
