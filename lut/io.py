@@ -170,7 +170,8 @@ def _key(m: Any) -> tuple:
 
 def import_lut(path: str | os.PathLike, into: LutStore, force: bool = False) -> MergeReport:
     """Add the rows of an exported file to ``into`` in one transaction; rows of another device, target
-    or schema version are refused unless ``force``."""
+    or schema version are refused unless ``force`` (forced rows keep their device and target, and are
+    stored under this schema version)."""
     df, meta = read_export(path)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:

@@ -74,7 +74,7 @@ def test_fake_measurements_round_trip(fake_lut, tiny_graph):
 
 
 def test_real_ort_measurements_and_device_check(tmp_path, tiny_graph):
-    target = get_target("ort-x86", threads=1)
+    target = get_target("ort-x86", threads=1, workdir=str(tmp_path / "onnx"))  # built models go there
     path = tmp_path / "ort.lut"
     with _profiled(path, target, tiny_graph) as store:
         rows = store.measurements()

@@ -43,7 +43,7 @@ def _inflight(path: Path) -> int:
 
 
 def _profile(lut: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(lut.parent)}  # a killed run cannot clean up
     return subprocess.Popen([sys.executable, "-m", "hwmpq", "profile", *ARGS, "--lut", str(lut)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
