@@ -125,6 +125,24 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def print_summary(model: str, summary: list[dict], head: str) -> None:
+    print(f"\n{model}: {head}; test acc (mean +- sample std over seeds, [min, max])")
+    for s in summary:
+        print(f"  {s['plan']:5s} {s['aids']:10s} {s['mean']:.4f} +- {s['std']:.4f}  [{s['min']:.4f}, {s['max']:.4f}]"
+              f"  n={s['n']}")
+
+
+def summarise_csv(a) -> None:
+    path = Path(a.out) / f"{a.model}_runs.csv"
+    with open(path, newline="") as f:
+        rows = [dict(r, test_acc=float(r["test_acc"]), seconds=float(r["seconds"])) for r in csv.DictReader(f)]
+    summary = summarise(rows)
+    print_summary(a.model, summary, f"{len(rows)} runs from {path}")
+    atomic_write_text(Path(a.out) / f"{a.model}_partial_summary.json",
+                      json.dumps({"source": str(path), "runs": len(rows), "summary": summary,
+                                  "seconds_total": sum(r["seconds"] for r in rows)}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet20")
@@ -143,7 +161,12 @@ def main() -> None:
     ap.add_argument("--search-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/bench_qat")
+    ap.add_argument("--summarise-only", action="store_true", help="summarise <out>/<model>_runs.csv (e.g. of an "
+                    "interrupted bench) into <model>_partial_summary.json and print it; no training")
     a = ap.parse_args()
+    if a.summarise_only:
+        summarise_csv(a)
+        return
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,10 +199,7 @@ def main() -> None:
             print(f"{plan_name:5s} {aid:10s} seed {seed}: test acc {acc:.4f} ({secs:.0f} s)", flush=True)
             write_csv(rows, out / f"{a.model}_runs.csv")
     summary = summarise(rows)
-    print(f"\n{a.model}: float {float_acc:.4f}; test acc over seeds {a.seeds} (mean +- sample std, [min, max])")
-    for s in summary:
-        print(f"  {s['plan']:5s} {s['aids']:10s} {s['mean']:.4f} +- {s['std']:.4f}  [{s['min']:.4f}, {s['max']:.4f}]"
-              f"  n={s['n']}")
+    print_summary(a.model, summary, f"float {float_acc:.4f}, seeds {a.seeds}")
     report = {"args": vars(a), "float_test_acc": float_acc, "summary": summary, "plans": meta,
               "budget_ms": budget.latency_ms if budget else None, "wall_s": time.perf_counter() - t_start,
               "loadavg_start": load0, "loadavg_end": os.getloadavg(), "torch_threads": a.threads}
