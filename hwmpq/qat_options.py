@@ -50,7 +50,9 @@ def fit_hooks(options: QATOptions, model: nn.Module | None = None) -> dict[str, 
 
     ``step_fn`` is None without SAM (fit's default step then applies the transforms). Build fresh hooks per
     fit call: GradBoost keeps per-parameter gradient statistics. ``model`` is accepted for the contract and
-    unused (the hooks find the weights at each step)."""
+    unused (the hooks find the weights at each step). StatAssist is *not* a fit hook: it is the float phase
+    before ``quantize_``; call :func:`stat_assist` there (a model that is already quantized, such as a
+    supernet's plan model, has no float phase left to assist)."""
     from .frost import GradBoost
     from .sam import SAMStep
 
