@@ -56,10 +56,12 @@ def default_input_shape(name: str, in_chans: int | None = None) -> tuple[int, in
     return (n, in_chans or c, h, w)
 
 
-def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
-    """Build a zoo model by name; unknown names get the list of known ones."""
+def create_model(name: str, num_classes: int = 10, in_chans: int | None = None, **kwargs) -> nn.Module:
+    """Build a zoo model by name; ``in_chans`` defaults to the channels of its default input (test_tiny: 1).
+    Unknown names get the list of known ones."""
     _load()
     if name not in _FACTORIES:
         raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(list_models())} "
-                       "(or pass path/to/file.py:factory)")
+                                "(or pass path/to/file.py:factory)")
+    in_chans = _DEFAULT_INPUT[name][1] if in_chans is None else in_chans
     return _FACTORIES[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
