@@ -319,6 +319,8 @@ def from_jsonable(obj: Any, where: str = "$") -> Any:
             return cls(**kwargs)
         except TypeError as e:
             raise RecordError(f"{where}: cannot build {name}: {e}") from None
+        except RecordError as e:  # the record's own check: add where it is in the file
+            raise RecordError(f"{where}: {e}") from None
     if isinstance(obj, list):
         return [from_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, dict):
