@@ -1,0 +1,143 @@
+"""Search benchmark: DNAS vs SSPS vs uniform baselines on Fashion-MNIST with ort-x86 on this CPU.
+
+For each model: float pre-training (or --weights), a LUT (profiled here if missing), budgets spread from
+the fp32 plan's LUT latency down to the fastest plan the LUT knows, then per budget a DNAS and an SSPS
+search, each QAT-fine-tuned, exported and measured; the uniform baselines once. Writes CSV, JSON and a
+Pareto plot (measured latency vs test accuracy) and prints the table.
+
+    python bench/search/bench_search.py --models resnet20,mobilenetv2 --budgets 5          # the full bench
+    python bench/search/bench_search.py --models resnet20 --budgets 3 --train-images 3000 \\
+        --search-epochs 2 --finetune-epochs 1 --limit-batches 15                          # a quick one
+
+Timings are medians of --repeat runs of one exported model on a shared machine: quote ratios measured in
+one run, not absolute numbers. Search wall time is the search alone (no fine-tune, export, measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def budgets_for(table, n: int) -> list[float]:
+    from hwmpq.search.budget import cheapest_plan, float_latency_ms
+
+    hi = float_latency_ms(table)[0]
+    lo = table.predict_indices(cheapest_plan(table))[0]
+    if n == 1:
+        return [0.5 * (hi + lo)]
+    return [float(v) for v in np.linspace(hi, lo * 1.02, n)]
+
+
+def float_weights(model: str, images: int | None, epochs: int, workdir: Path, seed: int) -> str:
+    from hwmpq.data import load_dataset
+    from hwmpq.modelspec import load_model
+    from hwmpq.train import fit, save_weights
+
+    path = workdir / f"{model}_fmnist_{images or 'all'}_{epochs}ep.pt"
+    if not path.is_file():
+        splits = load_dataset("fashion-mnist", limit=images, seed=seed)
+        net = load_model(model, num_classes=10, in_chans=1)
+        fit(net, splits, epochs=epochs, lr=0.05, batch_size=128, seed=seed, progress=False)
+        save_weights(net, path)
+    return str(path)
+
+
+def run_model(model: str, args, workdir: Path) -> list[dict]:
+    from hwmpq.search.base import Budget
+    from hwmpq.search.loop import LoopConfig, prepare, run_row
+
+    weights = float_weights(model, args.train_images, args.pretrain_epochs, workdir, args.seed)
+    search = {"epochs": args.search_epochs, "warmup_epochs": 1, "limit_batches": args.limit_batches, "batch_size": 64}
+    cfg = LoopConfig(method="ssps", model=model, data="fashion-mnist", data_limit=args.train_images, weights=weights,
+                     target="ort-x86", lut=str(workdir / f"lut_{model}.sqlite"), profile_missing=True,
+                     warmup=args.warmup, repeat=args.repeat, budget="1.0x", search=search,
+                     finetune_epochs=args.finetune_epochs, finetune_limit_batches=args.limit_batches,
+                     seed=args.seed, progress=False)
+    ctx = prepare(cfg)
+    rows = []
+
+    def record(method: str, bits: str | None, budget_ms: float | None, tag: str) -> None:
+        out = workdir / f"{model}_{tag}.json"
+        r = run_row(ctx, cfg, method, bits, out)
+        rows.append({"model": model, "method": r["method"], "budget_ms": budget_ms, "predicted_ms": r["predicted_ms"],
+                     "measured_ms": r["measured_ms"], "test_acc": r["test_acc"], "search_s": r["search_s"],
+                     "repaired": r["repaired"], "float_test_acc": ctx.float_acc})
+        print(json.dumps(rows[-1]), flush=True)
+
+    for bits in args.uniform.split(","):
+        record("uniform", bits, None, f"uniform_{bits}")
+    for i, b in enumerate(budgets_for(ctx.table, args.budgets)):
+        ctx.budget = Budget(latency_ms=b)
+        for method in args.methods.split(","):
+            record(method, None, b, f"{method}_b{i}")
+    return rows
+
+
+def pareto_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], models, strict=True):
+        for method in sorted({r["method"] for r in rows if r["model"] == m}):
+            pts = sorted((r["measured_ms"], r["test_acc"]) for r in rows
+                         if r["model"] == m and r["method"] == method and r["measured_ms"] is not None)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=method,
+                        linestyle="-" if not method.startswith("uniform") else "none")
+        ax.set_title(f"{m} / Fashion-MNIST / ort-x86")
+        ax.set_xlabel("measured latency (ms, median)")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet20,mobilenetv2")
+    p.add_argument("--methods", default="dnas,ssps")
+    p.add_argument("--uniform", default="fp32,8")
+    p.add_argument("--budgets", type=int, default=5)
+    p.add_argument("--train-images", type=int, default=None)
+    p.add_argument("--pretrain-epochs", type=int, default=10)
+    p.add_argument("--search-epochs", type=int, default=6)
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--limit-batches", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/search/results")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = [r for m in args.models.split(",") for r in run_model(m, args, out)]
+    with open(out / "search_bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "search_bench.json").write_text(json.dumps({"args": vars(args), "rows": rows,
+                                                       "wall_s": time.perf_counter() - t0}, indent=1))
+    pareto_plot(rows, out / "search_pareto.png")
+    print(f"\n{'model':12} {'method':14} {'budget':>8} {'pred':>8} {'meas':>8} {'acc':>7} {'search s':>9}")
+    for r in rows:
+        b = "-" if r["budget_ms"] is None else f"{r['budget_ms']:.4f}"
+        m = "-" if r["measured_ms"] is None else f"{r['measured_ms']:.4f}"
+        print(f"{r['model']:12} {r['method']:14} {b:>8} {r['predicted_ms']:8.4f} {m:>8} {r['test_acc']:7.4f} "
+              f"{r['search_s']:9.1f}")
+    print(f"wrote {out}/search_bench.csv, .json, search_pareto.png in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The closed loop with the real ort-x86 target: profile -> search -> QAT -> export -> measure, and the
+loop's refusals (missing LUT entries, a LUT of another device, an infeasible budget) through the CLI."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hwmpq.records import load_plan
+from hwmpq.search.loop import LoopConfig, prepare, run_loop
+
+TINY_SEARCH = {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "limit_batches": 2}
+
+
+def cfg(tmp_path, **kw):
+    base = dict(method="ssps", model="test_tiny", data="digits", target="ort-x86", lut=str(tmp_path / "lut.sqlite"),
+                warmup=1, repeat=3, budget="1.0x", search=dict(TINY_SEARCH), finetune_epochs=1,
+                finetune_limit_batches=2, out=str(tmp_path / "plan.json"), progress=False)
+    base.update(kw)
+    return LoopConfig(**base)
+
+
+def test_missing_lut_entries_name_the_layers_and_offer_profiling(tmp_path):
+    from hwmpq.lut.model import MissingEntriesError
+
+    with pytest.raises(MissingEntriesError, match=r"conv1.*--profile-missing"):
+        prepare(cfg(tmp_path))
+
+
+def test_lut_of_another_device_is_refused(tmp_path):
+    from hwmpq.lut.store import ForeignLutError, LutStore
+    from hwmpq.targets.base import DeviceInfo
+
+    LutStore.open(tmp_path / "lut.sqlite", target="ort-x86", device=DeviceInfo("some-other-machine")).close()
+    with pytest.raises(ForeignLutError, match="not measured here"):
+        prepare(cfg(tmp_path, profile_missing=True))
+
+
+@pytest.mark.slow
+def test_closed_loop_on_ort_x86(tmp_path):
+    rows = run_loop(cfg(tmp_path, profile_missing=True, baselines=("8",)))
+    main, uni = rows
+    assert main["method"] == "ssps" and uni["method"] == "uniform w8a8"
+    assert main["predicted_ms"] <= main["budget_ms"] + 1e-9
+    for r in rows:
+        assert r["measured_ms"] is not None and r["measured_ms"] > 0
+        assert 0.0 <= r["test_acc"] <= 1.0
+    plan = load_plan(tmp_path / "plan.json")
+    assert len(plan) == 5
+    assert (tmp_path / "plan_export" / "model.onnx").is_file()
+    report = json.loads((tmp_path / "plan.report.json").read_text())
+    assert len(report["rows"]) == 2
+    trace = json.loads((tmp_path / "plan.trace.json").read_text())
+    assert len(trace["fixing_order"]) == 5
+    # the CLI refuses an infeasible budget before training, with the smallest reachable latency
+    from hwmpq.cli import _register, app
+
+    _register()
+    res = CliRunner().invoke(app, ["search", "--model", "test_tiny", "--data", "digits", "--lut",
+                                   str(tmp_path / "lut.sqlite"), "--warmup", "1", "--repeat", "3",
+                                   "--budget-ms", "0.0001", "--out", str(tmp_path / "p2.json"), "--quiet"])
+    assert res.exit_code == 2, res.output
+    assert "infeasible" in res.output and "raise the budget to at least" in res.output
+    assert not (tmp_path / "p2.json").exists()
