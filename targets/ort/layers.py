@@ -128,17 +128,19 @@ def layer_model(spec: LayerSpec, precision: Precision) -> onnx.ModelProto:
 
 
 def stand_in_spec(shape: tuple[int, ...]) -> LayerSpec:
-    """A 1x1 conv (or a linear layer for 2-d tensors) keeping ``shape``: the neighbours in a chain."""
+    """The neighbours in a transition chain: a depthwise 1x1 conv keeping ``shape`` (the cheapest conv
+    with the layouts and integer kernels of real convs, so chain differences are not drowned in the
+    noise of big kernels), or a linear layer for 2-d tensors."""
     if len(shape) == 2:
         return LayerSpec(f"stand_in{list(shape)}", "linear", shape[1], shape[1], batch=shape[0], bias=True,
                          macs=shape[0] * shape[1] ** 2, params=shape[1] ** 2)
     n, c, h, w = shape
-    return LayerSpec(f"stand_in{list(shape)}", "conv", c, c, in_hw=(h, w), out_hw=(h, w), batch=n, bias=False,
-                     macs=n * c * c * h * w, params=c * c)
+    return LayerSpec(f"stand_in{list(shape)}", "dwconv", c, c, groups=c, in_hw=(h, w), out_hw=(h, w), batch=n,
+                     bias=False, macs=n * c * h * w, params=c)
 
 
 def transition_model(shape: tuple[int, ...], src: Precision, dst: Precision) -> onnx.ModelProto:
-    """A chain ``producer(src) -> glue -> consumer(dst)`` of 1x1 stand-ins on a tensor of ``shape``.
+    """A chain ``producer(src) -> glue -> consumer(dst)`` of stand-ins on a tensor of ``shape``.
 
     Its time C(src, dst) includes what a precision boundary costs in context (Q/DQ, ORT's layout
     changes between NHWC integer kernels and NCHWc float kernels, lost fusions); lut/model.py uses
