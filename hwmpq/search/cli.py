@@ -21,6 +21,7 @@ def search_command(
     out: Annotated[str, Opt(help="plan JSON; <out>.trace.json and <out>.report.json go beside it")] = "plan.json",
     export: Annotated[str | None, Opt("--export", help="export folder (default: <out stem>_export)")] = None,
     bits: Annotated[str, Opt(help="uniform: precision (8, w4a8, fp32, ...)")] = "8",
+    candidates: Annotated[str | None, Opt(help="search only these precisions, e.g. fp32,w8a8 (default: all)")] = None,
     weights: Annotated[str | None, Opt(help="trained float weights")] = None,
     pretrain_epochs: Annotated[int, Opt(help="train the float model first when no --weights")] = 0,
     data_limit: Annotated[int | None, Opt(help="keep this many training images (fashion-mnist)")] = None,
@@ -68,6 +69,7 @@ def search_command(
                      pretrain_epochs=pretrain_epochs, target=target, threads=threads, lut=lut,
                      profile_missing=profile_missing, force_lut=force_lut, warmup=warmup, repeat=repeat, budget=budget,
                      budget_ms=budget_ms, budget_mj=budget_mj, bits=bits, search=search,
+                     candidates=tuple(c for c in (candidates or "").split(",") if c),
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
                      finetune_limit_batches=finetune_limit_batches, qat=qat, out=out, export_dir=export,
                      baselines=tuple(baseline or ()), seed=seed, progress=not quiet)
@@ -99,7 +101,11 @@ def demo_command(
 ) -> None:
     """Profile, search, fine-tune, export and measure resnet20 on Fashion-MNIST with this CPU (ort-x86),
     then print budget, predicted and measured latency, and accuracy for the searched plan, fp32 and uniform
-    int8. The default schedule fits in ~15 minutes on 2 cores; --full is what a real run looks like."""
+    int8. The default (short) schedule: 6000 training images, 2 float epochs, a 3-epoch search over fp32/w8a8
+    per layer (12 batches an epoch), 1 QAT epoch of 30 batches per plan, 30 timed repeats per LUT entry; it aims
+    at <= 15 minutes on 2 idle cores. --full is what a real run looks like (all data, every precision the
+    target offers, 30/20/10 epochs, 100 repeats: hours on 2 cores). Files are reused from --workdir (float
+    weights, LUT rows), so a second run skips pre-training and profiling."""
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig.make(full=full, workdir=workdir, method=method, budget=budget, train_images=train_images,

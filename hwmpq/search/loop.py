@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +42,7 @@ class LoopConfig:
     budget_ms: float | None = None
     budget_mj: float | None = None
     bits: str = "8"  # uniform: the precision (8, w4a8, fp32, ...)
+    candidates: tuple[str, ...] = ()  # restrict the search to these precisions (e.g. fp32, w8a8); () = all
     search: dict[str, Any] = field(default_factory=dict)  # DNASConfig / SSPSConfig fields
     finetune_epochs: int = 1
     finetune_lr: float = 0.01
@@ -119,6 +121,27 @@ def load_table(cfg: LoopConfig, model: nn.Module, example_input: torch.Tensor, t
             return build_table(store, specs, edges, measure, target, allow_foreign=cfg.force_lut)
 
 
+def restrict_candidates(table, labels: tuple[str, ...]):
+    """The same LUT over a subset of its candidates (the search space shrinks; nothing is re-measured)."""
+    from hwmpq.lut.table import LatencyTable
+
+    if not labels:
+        return table
+    wanted = [Precision.parse(s) for s in labels]
+    unknown = [p.label for p in wanted if p not in table.candidates]
+    if unknown:
+        raise ValueError(f"--candidates {unknown} are not in the LUT for {table.target}; it has "
+                         f"{[c.label for c in table.candidates]}")
+    k = [table.candidates.index(p) for p in wanted]
+    lat = table.layer_ms[:, k]
+    none = [f for f, ok in zip(table.fqns, np.isfinite(lat).any(axis=1), strict=True) if not ok]
+    if none:
+        raise ValueError(f"with --candidates {list(labels)} layers {none} have no runnable precision; add fp32")
+    trans = tuple((i, j, t[np.ix_(k, k)]) for i, j, t in table.transitions)
+    return LatencyTable(table.fqns, tuple(wanted), lat, table.energy_mj[:, k], trans, table.constant_ms,
+                        target=table.target, device=table.device, emulated=table.emulated)
+
+
 def prepare(cfg: LoopConfig) -> Context:
     from hwmpq.targets import get_target
     from hwmpq.train import evaluate
@@ -128,7 +151,7 @@ def prepare(cfg: LoopConfig) -> Context:
     splits, model, x = load_data_and_model(cfg)
     target = get_target(cfg.target, threads=cfg.threads)
     measure = MeasureConfig(warmup=cfg.warmup, repeat=cfg.repeat, threads=cfg.threads)
-    table = load_table(cfg, model, x, target, measure)
+    table = restrict_candidates(load_table(cfg, model, x, target, measure), cfg.candidates)
     budget = parse_budget(table, cfg.budget, cfg.budget_ms, cfg.budget_mj)
     if cfg.method != "uniform":
         check_feasible(table, budget)  # refused before any training
