@@ -73,7 +73,9 @@ class SearchResult:
     predicted_ms: float
     predicted_mj: float
     trace: dict[str, Any] = field(default_factory=dict)
-    model: nn.Module | None = None  # weights for the fine-tune (the supernet's, for supernet methods)
+    # weights for the fine-tune: a quantize_'d model of ``plan`` (QuantLayers holding the search's scales, as
+    # supernet methods return) or float weights (quantized and calibrated by the loop), or None (the input model)
+    model: nn.Module | None = None
     repaired: bool = False
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0

@@ -142,8 +142,8 @@ def train_supernet(inputs: SearchInputs, cfg: SupernetSchedule, supernet: Supern
 def _describe(bar, task, supernet: Supernet, ce: float, budget: Budget) -> None:
     with torch.no_grad():
         e_lat, e_mj = supernet.table.expected(supernet.probs())
-    cost = (f"E[lat] {float(e_lat):.3f}/{budget.latency_ms:.3f} ms" if budget.latency_ms is not None
-            else f"E[en] {float(e_mj):.3g}/{budget.energy_mj:.3g} mJ")
+    cost = (f"E(lat) {float(e_lat):.3f} / budget {budget.latency_ms:.3f} ms" if budget.latency_ms is not None
+            else f"E(energy) {float(e_mj):.3g} / budget {budget.energy_mj:.3g} mJ")
     fixed = int((supernet.fixed >= 0).sum())
     bar.update(task, advance=1, info=f"CE {ce:.3f}  {cost}  fixed {fixed}/{len(supernet.fqns)}")
 

@@ -189,13 +189,15 @@ def _fit_hooks(cfg: LoopConfig, model: nn.Module) -> dict:
 
 def fine_tune(ctx: Context, cfg: LoopConfig, result: SearchResult) -> nn.Module:
     """QAT of the plan, starting from the search's weights and quantizer scales when it has them."""
+    from hwmpq.qmodules import quant_layers
     from hwmpq.train import fit, prepare_qat
 
     plan = result.plan
-    if result.model is not None:
-        model = result.model
-    else:
-        model = copy.deepcopy(ctx.model)
+    wants_quant = any(not p.is_float for _, p in plan.layers)
+    if result.model is not None and (quant_layers(result.model) or not wants_quant):
+        model = result.model  # already quantized by the plan, with the search's scales
+    else:  # no model, or float weights from the strategy: quantize and calibrate them
+        model = copy.deepcopy(result.model if result.model is not None else ctx.model)
         prepare_qat(model, plan, ctx.splits, batch_size=cfg.batch_size, seed=cfg.seed)
     if all(p == FP32 for _, p in plan.layers) or cfg.finetune_epochs < 1:
         return model.eval()
