@@ -1,0 +1,134 @@
+"""``hwmpq export``: a trained (or calibrated) mixed-precision model to the target's deployable artifact."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def _fail(msg: str) -> typer.Exit:
+    typer.echo(f"error: {msg}", err=True)
+    return typer.Exit(code=2)
+
+
+def _is_quantized_state(state: dict) -> bool:
+    return any(k.endswith((".w_quant.scale", ".in_quant.scale", ".out_quant.scale")) for k in state)
+
+
+def load_for_export(model: str, weights: str | None, plan, input_shape: str | None, data: str | None,
+                    target=None):
+    """(quantized model, example input, specs, notes). A quantized state dict (with quantizer scales) loads
+    after ``quantize_``; a float checkpoint loads before it, and then the quantizers are calibrated on
+    ``data`` with a printed warning (never silently)."""
+    import torch
+
+    from hwmpq.graph import analyse
+    from hwmpq.modelspec import ModelLoadError, default_shape, load_model, parse_input_shape
+    from hwmpq.qmodules import calibrate, quantize_
+
+    shape = parse_input_shape(input_shape) or default_shape(model)
+    if shape is None:
+        raise ModelLoadError(f"--model {model!r} is not a zoo model: give --input-shape N,C,H,W")
+    net = load_model(model, in_chans=shape[1]).eval()
+    x = torch.zeros(shape)
+    specs, _ = analyse(net, x)
+    allowed = {s.fqn: target.precisions.for_layer(s) for s in specs} if target is not None else None
+    plan.validate_against([s.fqn for s in specs], allowed)  # before any work
+    notes = []
+    state = None
+    if weights:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+    if state is not None and _is_quantized_state(state):
+        quantize_(net, plan)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise ModelLoadError(f"--weights {weights} does not fit {model} quantized by the plan: {e}") from e
+        return net.eval(), x, specs, notes
+    if state is not None:
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise ModelLoadError(f"--weights {weights} does not fit {model}: {e}") from e
+    quantize_(net, plan)
+    if data is None:
+        raise ValueError("the weights hold no trained quantizer scales (a float checkpoint or none): give "
+                         "--data fashion-mnist|digits to calibrate them, or --weights of a QAT-trained model")
+    from hwmpq.data import load_dataset
+    from hwmpq.train import calibration_batch
+
+    msg = (f"WARNING: {'no weights given' if not weights else f'{weights} is a float checkpoint'}; calibrating "
+           f"the quantizers on one batch of {data} (post-training, no QAT): accuracy may be lower than a trained plan")
+    typer.echo(msg, err=True)
+    notes.append(msg)
+    calibrate(net, [calibration_batch(load_dataset(data), 1)])
+    return net.eval(), x, specs, notes
+
+
+def predict_with_lut(lut: str, target, net, x, plan) -> dict:
+    """{"predicted_latency_ms", "lut"} from the LUT's latency model (rows of its main protocol)."""
+    from collections import Counter
+
+    from hwmpq.lut.model import build_table, edges_through_merges
+    from hwmpq.lut.store import LutStore
+    from hwmpq.targets.ort.target import model_float_view
+
+    plain = model_float_view(net)
+    from hwmpq.graph import analyse
+
+    specs, _ = analyse(plain, x)
+    with LutStore.open(lut, target=target.id, device=target.device()) as store:
+        configs = Counter(m.config for m in store.measurements("layer"))
+        if not configs:
+            raise ValueError(f"{lut} holds no layer measurements; run `hwmpq profile` first")
+        table = build_table(store, specs, edges_through_merges(plain, x), configs.most_common(1)[0][0], target)
+    return {"predicted_latency_ms": table.predict(plan)[0], "lut": lut}
+
+
+def export_command(
+    model: Annotated[str, typer.Option(help="zoo name or path/to/file.py:factory")],
+    plan: Annotated[str, typer.Option(help="plan.json (a BitPlan)")],
+    out: Annotated[str, typer.Option(help="output folder")],
+    target: Annotated[str, typer.Option(help="target id")] = "ort-x86",
+    weights: Annotated[str | None, typer.Option(help="state dict: quantized (with scales) or float")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="N,C,H,W (default: the zoo model's)")] = None,
+    data: Annotated[str | None, typer.Option(help="fashion-mnist|digits: calibrate a float checkpoint")] = None,
+    threads: Annotated[int, typer.Option(help="intra-op threads of the optimized model")] = 1,
+    lut: Annotated[str | None, typer.Option(help="LUT of this device: puts the predicted latency in the manifest")] = None,
+) -> None:
+    """Write model.onnx (QDQ with the trained scales), model.opt.onnx and manifest.json into OUT."""
+    import warnings
+
+    from hwmpq.targets import get_target
+
+    from hwmpq.records import load_plan
+
+    try:
+        bit_plan = load_plan(plan)
+        tgt = get_target(target, threads=threads)
+        if not hasattr(tgt, "export"):
+            raise ValueError(f"target {target!r} has no exporter")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net, x, specs, notes = load_for_export(model, weights, bit_plan, input_shape, data, tgt)
+        extra = {"model": model, "weights": weights, "notes": notes}
+        if lut:
+            extra.update(predict_with_lut(lut, tgt, net, x, bit_plan))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = tgt.export(net, bit_plan, x, out, manifest_extra=extra)
+    except (ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from None
+    for w in caught:
+        if "did not turn" in str(w.message):
+            typer.echo(f"warning: {w.message}", err=True)
+    typer.echo(f"wrote {result.artifact}, {out}/model.opt.onnx, {result.manifest}")
+    typer.echo(f"integer kernels ({len(result.integer_layers)}): {', '.join(result.integer_layers) or '-'}")
+    typer.echo(f"float ({len(result.float_layers)}): {', '.join(result.float_layers) or '-'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)
