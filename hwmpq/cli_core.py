@@ -53,9 +53,13 @@ def build_model(model: str, input_shape: str | None, weights: str | None = None,
 
     shape = parse_input_shape(input_shape)
     if shape is None:
+        if ":" in model or "/" in model or model.endswith(".py"):
+            raise ModelLoadError(f"--model {model!r} is a file model: give --input-shape N,C,H,W")
         shape = default_shape(model)
-        if shape is None:
-            raise ModelLoadError(f"--model {model!r} is not a zoo model: give --input-shape N,C,H,W")
+        if shape is None:  # not a zoo name: let the zoo say so and list the known ones
+            from .zoo.registry import default_input_shape
+
+            shape = default_input_shape(model)
     m = load_model(model, num_classes=num_classes, in_chans=shape[1], weights=weights)
     return m, torch.zeros(shape)
 
