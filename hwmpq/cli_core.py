@@ -174,6 +174,10 @@ def train(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
         summary = _train(args, lr if lr is not None else (0.01 if qat else 0.05))
     except _user_errors() as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: {out} holds the last finished epoch; continue with the same command and "
+                   "--resume", err=True)
+        raise typer.Exit(code=130) from None
     typer.echo(f"val acc {summary['result']['_data']['val_acc']:.4f}  test acc {summary['test_acc']:.4f}  "
                f"wall {summary['wall_s']:.1f} s  checkpoint {out}")
 

@@ -237,7 +237,9 @@ def fit(model: nn.Module, splits, *, epochs: int, lr: float = 0.05, batch_size: 
         resume: bool = False, progress: bool = True, limit_batches: int | None = None,
         step_fn: StepFn | None = None, grad_transforms: Sequence[GradTransform] = (),
         log: Callable[..., Any] = print) -> TrainResult:
-    """Train ``model`` in place on ``splits.train`` (SGD, momentum, cosine LR per step), validate each epoch.
+    """Train ``model`` in place on ``splits.train`` (SGD with Nesterov momentum, cosine LR per step to 0 at the
+    end of ``epochs``; weight decay on weights only, not on biases, BatchNorm or quantizer step sizes), validate
+    on ``splits.val`` after each epoch and checkpoint.
 
     ``resume=True`` continues from ``checkpoint`` when the file exists (else starts fresh and says so).
     ``limit_batches`` caps the training batches per epoch (fast tests). Raises NonFiniteLossError on a NaN
@@ -259,14 +261,29 @@ def fit(model: nn.Module, splits, *, epochs: int, lr: float = 0.05, batch_size: 
     n_batches = min(n_batches, limit_batches) if limit_batches else n_batches
     counter = [state.epoch * n_batches]
     transforms = [_BoundTransform(t, counter) for t in grad_transforms]
+    try:
+        _epochs(model, splits, optimizer, step_fn, transforms, counter, state, bar_enabled=progress, epochs=epochs,
+                lr=lr, batch_size=batch_size, n_batches=n_batches, seed=seed, checkpoint=checkpoint, log=log)
+    except NonFiniteLossError as e:
+        kept = (f"the last good checkpoint {checkpoint} (epoch {state.epoch}) is kept" if checkpoint and state.epoch
+                else "no checkpoint was written")
+        raise NonFiniteLossError(f"{e}; {kept}. Lower --lr, or check the data and model.") from None
+    return TrainResult(state.epoch, tuple(state.history), state.history[-1]["val_acc"] if state.history else 0.0,
+                       checkpoint)
+
+
+def _epochs(model, splits, optimizer, step_fn, transforms, counter, state: _State, *, bar_enabled, epochs, lr,
+            batch_size, n_batches, seed, checkpoint, log) -> None:
+    """fit's epoch loop: train, validate, checkpoint, log."""
     val_loader = splits.loader("val", batch_size=512)
-    with _progress(progress) as bar:
+    with _progress(bar_enabled) as bar:
         for epoch in range(state.epoch + 1, epochs + 1):
             t0 = time.perf_counter()
             loader = splits.loader("train", batch_size=batch_size, shuffle=True, seed=seed * 100_003 + epoch)
             task = bar.add_task(f"epoch {epoch}/{epochs}", total=n_batches, info="")
-            train_loss, train_acc = _run_epoch(model, loader, optimizer, step_fn, transforms, counter, epoch=epoch, lr=lr,
-                                       total_steps=epochs * n_batches, n_batches=n_batches, bar=bar, task=task)
+            train_loss, train_acc = _run_epoch(model, loader, optimizer, step_fn, transforms, counter, epoch=epoch,
+                                               lr=lr, total_steps=epochs * n_batches, n_batches=n_batches, bar=bar,
+                                               task=task)
             bar.remove_task(task)
             val_acc = evaluate(model, val_loader)
             state.epoch = epoch
@@ -277,8 +294,6 @@ def fit(model: nn.Module, splits, *, epochs: int, lr: float = 0.05, batch_size: 
                 _save(checkpoint, model, optimizer, state, epochs, seed)
             log(f"epoch {epoch}/{epochs}: train loss {train_loss:.4f}, val acc {val_acc:.4f}, "
                 f"{state.history[-1]['seconds']:.1f} s")
-    return TrainResult(state.epoch, tuple(state.history), state.history[-1]["val_acc"] if state.history else 0.0,
-                       checkpoint)
 
 
 def calibration_batch(splits, n_batches: int = 1, batch_size: int = 128, seed: int = 0) -> Tensor:
