@@ -58,7 +58,8 @@ def run_model(model: str, args, workdir: Path) -> list[dict]:
                      target="ort-x86", lut=str(workdir / f"lut_{model}.sqlite"), profile_missing=True,
                      warmup=args.warmup, repeat=args.repeat, budget="1.0x", search=search,
                      finetune_epochs=args.finetune_epochs, finetune_limit_batches=args.limit_batches,
-                     seed=args.seed, progress=False)
+                     seed=args.seed, progress=False,
+                     candidates=tuple(c for c in args.candidates.split(",") if c))
     ctx = prepare(cfg)
     rows = []
 
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--methods", default="dnas,ssps")
     p.add_argument("--uniform", default="fp32,8")
     p.add_argument("--budgets", type=int, default=5)
+    p.add_argument("--candidates", default="", help="search only these precisions, e.g. fp32,w8a8 (default: all)")
     p.add_argument("--train-images", type=int, default=None)
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--search-epochs", type=int, default=6)

@@ -146,13 +146,17 @@ def prepare(cfg: LoopConfig) -> Context:
     from hwmpq.targets import get_target
     from hwmpq.train import evaluate
 
-    from .budget import check_feasible, parse_budget
+    from .budget import cheapest_plan, check_feasible, parse_budget
 
     splits, model, x = load_data_and_model(cfg)
     target = get_target(cfg.target, threads=cfg.threads)
     measure = MeasureConfig(warmup=cfg.warmup, repeat=cfg.repeat, threads=cfg.threads)
     table = restrict_candidates(load_table(cfg, model, x, target, measure), cfg.candidates)
     budget = parse_budget(table, cfg.budget, cfg.budget_ms, cfg.budget_mj)
+    lowest = table.predict_indices(cheapest_plan(table))[0]
+    if lowest <= 0:
+        _log(f"[yellow]warning[/]: the LUT predicts {lowest:.3g} ms for its cheapest plan: its transition terms are "
+             "dominated by timing noise (layers too small for this MeasureConfig); raise --repeat when profiling")
     if cfg.method != "uniform":
         check_feasible(table, budget)  # refused before any training
     float_acc = evaluate(model, splits.loader("test", batch_size=512))

@@ -136,6 +136,12 @@ def generator_update(gen: PlanGenerator, opt: torch.optim.Optimizer, table: Late
     for row in idx.tolist():
         losses.append(float(loss_of(row)))
         costs.append(plan_cost(table, row, config.energy))
+    finite = [lo for lo in losses if np.isfinite(lo)]
+    if not finite:
+        return {"loss": float("nan"), "cost": float(np.mean(costs)), "penalty": float("nan"),
+                "reward": float("nan"), "entropy": gen.entropy(), "skipped": 1.0}
+    # a plan whose loss is not finite gets the worst finite loss of the step + 10 (keeps the logits finite)
+    losses = [lo if np.isfinite(lo) else max(finite) + 10.0 for lo in losses]
     penalty = [config.lam * ((c - target) / target) ** 2 for c in costs]
     rewards = torch.tensor([-(lo + pe) for lo, pe in zip(losses, penalty, strict=True)])
     mean_r = float(rewards.mean())
@@ -190,13 +196,19 @@ def _random_plan(table: LatencyTable, rng: torch.Generator) -> list[int]:
     return torch.multinomial(allowed / allowed.sum(1, keepdim=True), 1, generator=rng).squeeze(1).tolist()
 
 
+def _clip(model: nn.Module, step: int, max_norm: float = 5.0) -> None:
+    """Grad transform: clip the supernet weights' gradient norm (random low-precision plans early in the
+    one-shot training can produce very large LSQ gradients)."""
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+
+
 def _weight_step(view: _PlanView, idx, batch, opt: torch.optim.Optimizer, step_fn) -> float:
     from hwmpq.train import default_step
 
     view.set_plan(idx)
     view.train()
     x, y = batch
-    return float((step_fn or default_step)(view, x, y, opt, F.cross_entropy, []))
+    return float((step_fn or default_step)(view, x, y, opt, F.cross_entropy, [_clip]))
 
 
 @torch.no_grad()
