@@ -1,0 +1,107 @@
+"""MetaSchedule tuning with a trial budget; one JSON database per target kept in ``work_dir`` (beside the
+LUT) and reused by every later build and by the exporter.
+
+On the ``host`` preset candidates run locally (MetaSchedule's LocalRunner). On a board, MetaSchedule
+needs a tracker (its RPCRunner asks a tracker for a device): ``--tracker HOST:PORT --key K``. A direct
+``--rpc`` connection can profile untuned kernels only. The cost model is ``random`` (xgboost is not
+installed here); with tiny budgets this is a random search over valid schedules.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .presets import TvmPreset
+
+
+class TuningUnavailableError(ValueError):
+    """Tuning was asked for where MetaSchedule cannot measure candidates; the message says what to pass."""
+
+
+def database_dir(work_dir: str | os.PathLike, preset: TvmPreset) -> Path:
+    return Path(work_dir) / f"tuning-{preset.name}"
+
+
+def open_database(work_dir: str | os.PathLike, preset: TvmPreset):
+    """The preset's JSON database (created empty when missing)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    d = database_dir(work_dir, preset)
+    d.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(str(d / "workloads.json"), str(d / "records.json"), allow_missing=True)
+
+
+def _runner(preset: TvmPreset, tracker: str | None, key: str | None, timeout_s: float):
+    from tvm.s_tir import meta_schedule as ms
+
+    if preset.is_host:
+        return ms.runner.LocalRunner(timeout_sec=timeout_s)
+    if not (tracker and key):
+        raise TuningUnavailableError(
+            f"tuning for {preset.name} measures candidates on the board and needs --tracker HOST:PORT --key K "
+            "(MetaSchedule's RPC runner works through a tracker); pass --tune-trials 0 to profile untuned")
+    host, _, port = tracker.rpartition(":")
+    cfg = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=timeout_s)
+    return ms.runner.RPCRunner(rpc_config=cfg)
+
+
+def _builder(preset: TvmPreset):
+    from tvm.s_tir import meta_schedule as ms
+
+    if preset.is_host:
+        return ms.builder.LocalBuilder()
+    from tvm.support import cc
+
+    fcompile = cc.cross_compiler(preset.cross_compiler)
+
+    def export(mod):  # MetaSchedule's builder hook: artifact path of a cross-linked .so
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(prefix="hwmpq-ms-"), "tuned.so")
+        mod.export_library(path, fcompile=fcompile)
+        return path
+
+    return ms.builder.LocalBuilder(f_export=export)
+
+
+def tune(mod, target, preset: TvmPreset, work_dir: str | os.PathLike, trials: int, *,
+         tracker: str | None = None, key: str | None = None, timeout_s: float = 30.0) -> None:
+    """Tune every task of ``mod`` with at most ``trials`` candidates in total; results land in the
+    preset's database (already-tuned workloads are measured again only if the budget allows)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if trials <= 0:
+        return
+    db = open_database(work_dir, preset)
+    runner = _runner(preset, tracker, key, timeout_s)
+    d = database_dir(work_dir, preset)
+    ms.relax_integration.tune_relax(
+        prepare_for_tuning(mod), {}, target, work_dir=str(d / "logs"), max_trials_global=trials,
+        num_trials_per_iter=min(trials, 8), builder=_builder(preset), runner=runner, database=db,
+        cost_model="random", seed=0)
+
+
+def prepare_for_tuning(mod):
+    """Legalize and fuse the way ``compile_relax`` does, so extracted tasks match the database keys
+    (``tune_relax`` on an un-legalized module finds no tasks in TVM 0.27)."""
+    from tvm import relax
+
+    seq = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+           relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    import tvm
+
+    return tvm.transform.Sequential(seq)(mod)
+
+
+def compile_with_database(mod, target, preset: TvmPreset, work_dir: str | os.PathLike | None):
+    """``tvm.compile`` with tuned schedules applied where the database has them (DLight elsewhere)."""
+    import tvm
+
+    if work_dir is None or not (database_dir(work_dir, preset) / "records.json").exists():
+        return tvm.compile(mod, target)
+    from tvm.s_tir import meta_schedule as ms
+
+    db = open_database(work_dir, preset)
+    with target:
+        return ms.relax_integration.compile_relax(db, mod, target, params=None)
