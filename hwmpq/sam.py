@@ -185,9 +185,15 @@ class SAMStep:
         try:
             with _FrozenBatchNormStats(model):
                 loss_adv = loss_fn(model(x), y)
-                loss_adv.backward()
+                if torch.isfinite(loss_adv):
+                    loss_adv.backward()
         finally:
             pert.restore()
+        if not torch.isfinite(loss_adv):  # no update from a non-finite perturbed loss (as fit's default step)
+            optimizer.zero_grad(set_to_none=True)
+            self.last = {"loss": float(loss.detach()), "loss_perturbed": float(loss_adv.detach()), "skipped": 1.0}
+            self.steps += 1
+            return loss.detach()
         for t in grad_transforms:
             t(model, self.steps)
         optimizer.step()

@@ -183,3 +183,21 @@ def test_sam_step_trains_inside_fit(digits):
 def test_bad_sam_settings_are_refused(kw):
     with pytest.raises(SAMConfigError):
         SAMStep(**kw)
+
+
+def test_non_finite_perturbed_loss_skips_the_update(digits):
+    x, y = _batch(digits)
+    model = _quant_model(digits)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+
+    def loss_fn(out, target):  # finite at w, infinite at w + eps
+        calls.append(1)
+        loss = F.cross_entropy(out, target)
+        return loss if len(calls) == 1 else loss * float("inf")
+
+    step = SAMStep(rho=0.05)
+    loss = step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, [])
+    assert torch.isfinite(loss) and step.last["skipped"] == 1.0 and len(calls) == 2
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n

@@ -87,8 +87,8 @@ def searched_plan(method: str, model, splits, table, budget, out: Path, a) -> tu
     cfg = (SAQConfig(warmup_steps=a.search_steps // 2, search_steps=a.search_steps, final_samples=12, batch_size=64)
            if method == "saq" else
            SSPSConfig(epochs=3, warmup_epochs=1, limit_batches=a.search_steps // 2, batch_size=64))
-    res = run_search(SearchInputs(model, splits, table, budget, torch.randn(1, 1, 28, 28), seed=0, progress=False,
-                                  log=_quiet), cfg)
+    res = run_search(SearchInputs(model, splits, table, budget, torch.randn(1, 1, 28, 28), seed=0, progress=True,
+                                  log=lambda m: print(m, flush=True)), cfg)
     save_plan(res.plan, path)
     meta = {"predicted_ms": res.predicted_ms, "predicted_mj": res.predicted_mj, "repaired": res.repaired,
             "notes": res.notes, "search_s": res.wall_s, "labels": [p.label for _, p in res.plan.layers]}
