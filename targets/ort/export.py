@@ -28,7 +28,7 @@ from hwmpq.qmodules import QuantLayer, quant_layers, set_submodule
 from hwmpq.records import BitPlan, LayerSpec, Precision, atomic_write_text, to_jsonable
 
 from ..base import ExportResult
-from .layers import emit_layer, emit_quant_layer, is_weight_only
+from .layers import emit_quant_layer, is_weight_only
 from .qdq import IR_VERSION, OPSET, GraphParts, matmul_nbits
 
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulNBits",
@@ -103,12 +103,12 @@ def _emit(parts: GraphParts, spec: LayerSpec, lq: LayerQuant, src: str, dst: str
     if is_weight_only(p):
         if spec.kind != "linear" or p.w_bits != 4:
             raise ExportError(f"layer {lq.fqn!r}: weight-only {p.label} exists for linear layers at 4 bits only")
-        matmul_nbits(parts, src, dst, lq.weight, lq.w_scales, lq.bias)
+        matmul_nbits(parts, src, dst, lq.weight, lq.w_scales, lq.bias, prefix=f"{tag}_nbits")
         return
     xq = parts.quantize_act(src, f"{tag}_xq", lq.in_scale, p.a_bits, lq.in_signed)
     yq = emit_quant_layer(parts, spec, p, xq, f"{tag}_yq", lq.weight, lq.bias, lq.w_scales, lq.in_scale,
                           lq.in_signed, lq.out_scale)
-    parts.dequantize_act(yq, dst, lq.out_scale, p.a_bits, True)
+    parts.dequantize_act(yq, dst, lq.out_scale, p.a_bits, True, u8_carrier=not lq.in_signed)
 
 
 def insert_qdq(m: onnx.ModelProto, specs: list[LayerSpec], params: dict[str, LayerQuant]) -> onnx.ModelProto:
@@ -142,14 +142,9 @@ def _still_used(name: str, nodes) -> bool:
     return any(name in n.input for n in nodes)
 
 
-def _unused_emit_layer() -> object:  # keep emit_layer importable from here for plans with float layers
-    return emit_layer
-
-
 def verify_integer_kernels(opt_model: onnx.ModelProto, params: dict[str, LayerQuant]) -> tuple[list[str], list[str]]:
     """Which quantized layers run as integer kernels in ORT's optimized graph: a layer counts when an
     integer op consumes its weight codes (``<fqn>_yq_w_q``) or its MatMulNBits node is present."""
-    inits = {t.name for t in opt_model.graph.initializer}
     integer, other = [], []
     for fqn, lq in params.items():
         tag = fqn.replace(".", "_")
@@ -157,10 +152,8 @@ def verify_integer_kernels(opt_model: onnx.ModelProto, params: dict[str, LayerQu
         hit = any(n.op_type in INTEGER_OPS and (set(n.input) & names or n.name.startswith(tag))
                   for n in opt_model.graph.node)
         if is_weight_only(lq.precision):
-            hit = any(n.op_type == "MatMulNBits" and n.output and n.output[0] for n in opt_model.graph.node
-                      if any(i.startswith(tag) for i in n.input) or n.name.startswith(tag))
+            hit = any(n.op_type == "MatMulNBits" and f"{tag}_nbits_B" in n.input for n in opt_model.graph.node)
         (integer if hit else other).append(fqn)
-    del inits
     return integer, other
 
 
@@ -169,7 +162,8 @@ def op_histogram(m: onnx.ModelProto) -> dict[str, int]:
 
 
 def write_export(model: nn.Module, plan: BitPlan, specs: list[LayerSpec], example_input: torch.Tensor,
-                 out_dir: str | os.PathLike, threads: int, manifest_extra: dict | None = None) -> ExportResult:
+                 out_dir: str | os.PathLike, threads: int, manifest_extra: dict | None = None,
+                 exact_u8s8: bool = True) -> ExportResult:
     """Write model.onnx, model.opt.onnx (ORT's optimized graph) and manifest.json into ``out_dir``."""
     from .timing import make_session
 
@@ -181,7 +175,7 @@ def write_export(model: nn.Module, plan: BitPlan, specs: list[LayerSpec], exampl
     onnx.save(m, tmp_model)
     os.replace(tmp_model, out / "model.onnx")
     tmp_opt = out / ".model.opt.onnx.tmp"
-    make_session(str(out / "model.onnx"), threads, optimized_path=str(tmp_opt))
+    make_session(str(out / "model.onnx"), threads, optimized_path=str(tmp_opt), exact_u8s8=exact_u8s8)
     os.replace(tmp_opt, out / "model.opt.onnx")
     opt = onnx.load(out / "model.opt.onnx")
     integer, not_integer = verify_integer_kernels(opt, params)

@@ -54,7 +54,7 @@ def emit_quant_layer(parts: GraphParts, spec: LayerSpec, precision: Precision, s
                      w: np.ndarray, bias: np.ndarray | None, w_scales: np.ndarray, in_scale: float,
                      in_signed: bool, out_scale: float) -> str:
     """Integer codes in, integer codes out: DQ(x) -> layer(DQ(W), DQ(b)) -> Q (signed output, as
-    hwmpq's out_quant). Returns the output codes' name."""
+    hwmpq's out_quant, in the input's element type: see qdq.py). Returns the output codes' name."""
     a = precision.a_bits
     x = parts.dequantize_act(src_q, f"{out_q}_in", in_scale, a, in_signed)
     wq = parts.dequantized_weight(f"{out_q}_w", w, w_scales, precision.w_bits)
@@ -65,7 +65,7 @@ def emit_quant_layer(parts: GraphParts, spec: LayerSpec, precision: Precision, s
         else:
             bq = parts.const(f"{out_q}_b", bias.astype(np.float32))
     y = emit_layer(parts, spec, x, f"{out_q}_float", wq, bq)
-    return parts.quantize_act(y, out_q, out_scale, a, True)
+    return parts.quantize_act(y, out_q, out_scale, a, True, u8_carrier=not in_signed)
 
 
 def _value_info(name: str, elem: int, shape: tuple[int, ...]):
@@ -79,10 +79,11 @@ def make_model(parts: GraphParts, inputs: list, outputs: list, name: str) -> onn
 
 
 def io_elem(precision: Precision, signed: bool) -> int:
-    """ONNX element type a layer at ``precision`` reads (unsigned codes) or writes (signed codes)."""
+    """ONNX element type a layer at ``precision`` reads (unsigned codes) or writes (signed codes, in the
+    uint8 carrier its unsigned input implies)."""
     if precision.a_bits == 32:
         return TensorProto.FLOAT
-    return act_container(precision.a_bits, signed)[0]
+    return act_container(precision.a_bits, signed, u8_carrier=True)[0]
 
 
 def emit_random_layer(parts: GraphParts, spec: LayerSpec, precision: Precision, src: str, out: str,
@@ -110,7 +111,7 @@ def emit_glue(parts: GraphParts, src_q: str, out: str, src: Precision, dst: Prec
     ReLU, Q to the consumer's unsigned codes (if integer)."""
     cur = src_q
     if src.a_bits < 32:
-        cur = parts.dequantize_act(cur, f"{out}_dq", _OUT_SCALE, src.a_bits, True)
+        cur = parts.dequantize_act(cur, f"{out}_dq", _OUT_SCALE, src.a_bits, True, u8_carrier=True)
     parts.nodes.append(helper.make_node("Relu", [cur], [f"{out}_relu"], name=f"{out}_Relu"))
     cur = f"{out}_relu"
     if dst.a_bits < 32:

@@ -2,9 +2,13 @@
 two emit the same nodes for the same precision (what the LUT measures is what the export runs).
 
 Encoding of hwmpq's quantizers (zero point is always 0 in torch):
-- activations at 8 bits or fewer: a uint8 container. Unsigned codes use zero point 0; signed codes
-  [-2^(b-1), 2^(b-1)-1] use zero point 128, which dequantizes to exactly the same values
-  (``(q - 128) * s``) and lets ORT fuse uint8-in/uint8-out integer kernels (QLinearConv, QGemm).
+- activations at 8 bits or fewer: a layer's input codes are uint8 (unsigned, zero point 0) or int8
+  (signed). ORT fuses DQ -> Conv/Gemm -> Q into QLinearConv/QGemm only when input and output share one
+  element type, so the layer's signed output codes travel in the input's type: int8, or uint8 with
+  zero point 128 (which dequantizes to exactly the same values, ``(q - 128) * s``). Signed inputs are
+  not carried as uint8+128: on AVX2 without VNNI, ORT's u8 x s8 kernel (vpmaddubsw) saturates int16
+  pair sums for codes near 255 (measured: 92% top-1 agreement instead of 100% on a first layer);
+  int8 x int8 needs the session option ``session.qdqisint8allowed=1`` (set by targets/ort/timing.py).
   Widths below 8 get a Clip to the narrow range before QuantizeLinear.
 - activations at 16 bits: int16 (signed) or uint16 (unsigned), zero point 0.
 - weights: int8 (8 bits, and 2-7 bits stored in int8), native int4 (4 bits), int16 (16 bits); per
@@ -22,10 +26,13 @@ OPSET = 21  # int4/int16 QuantizeLinear need opset 21
 IR_VERSION = 10  # onnx 1.23 writes IR 11+ by default; ORT 1.31 loads IR 10 with opset 21
 
 
-def act_container(bits: int, signed: bool) -> tuple[int, int, type]:
-    """(ONNX element type, zero point, numpy dtype) that carries ``bits``-wide activation codes."""
+def act_container(bits: int, signed: bool, u8_carrier: bool = False) -> tuple[int, int, type]:
+    """(ONNX element type, zero point, numpy dtype) that carries ``bits``-wide activation codes; signed
+    8-bit codes go in int8, or in uint8 with zero point 128 when ``u8_carrier``."""
     if bits <= 8:
-        return TensorProto.UINT8, (128 if signed else 0), np.uint8
+        if signed and u8_carrier:
+            return TensorProto.UINT8, 128, np.uint8
+        return (TensorProto.UINT8, 128, np.uint8) if signed else (TensorProto.UINT8, 0, np.uint8)
     if bits == 16:
         return (TensorProto.INT16, 0, np.int16) if signed else (TensorProto.UINT16, 0, np.uint16)
     raise ValueError(f"no ONNX activation container for {bits} bits")
@@ -56,9 +63,9 @@ class GraphParts:
         self.inits.append(helper.make_tensor(name, elem_type, [], [int(value)]))
         return name
 
-    def quantize_act(self, src: str, out: str, scale: float, bits: int, signed: bool) -> str:
+    def quantize_act(self, src: str, out: str, scale: float, bits: int, signed: bool, u8_carrier: bool = False) -> str:
         """float ``src`` -> integer codes ``out`` (Clip to the narrow range for widths without a type)."""
-        elem, zp, _ = act_container(bits, signed)
+        elem, zp, _ = act_container(bits, signed, u8_carrier)
         s = self.const(f"{out}_scale", np.array(scale, dtype=np.float32))
         z = self.scalar_zp(f"{out}_zp", elem, zp)
         if bits not in (8, 16):
@@ -70,8 +77,8 @@ class GraphParts:
         self.nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [out], name=f"{out}_Q"))
         return out
 
-    def dequantize_act(self, src: str, out: str, scale: float, bits: int, signed: bool) -> str:
-        elem, zp, _ = act_container(bits, signed)
+    def dequantize_act(self, src: str, out: str, scale: float, bits: int, signed: bool, u8_carrier: bool = False) -> str:
+        elem, zp, _ = act_container(bits, signed, u8_carrier)
         s = self.const(f"{out}_scale", np.array(scale, dtype=np.float32))
         z = self.scalar_zp(f"{out}_zp", elem, zp)
         self.nodes.append(helper.make_node("DequantizeLinear", [src, s, z], [out], name=f"{out}_DQ"))
@@ -109,10 +116,11 @@ class GraphParts:
 
 
 def matmul_nbits(parts: GraphParts, src: str, out: str, w_float: np.ndarray, scales: np.ndarray,
-                 bias: np.ndarray | None) -> str:
+                 bias: np.ndarray | None, prefix: str | None = None) -> str:
     """int4 weight-only Linear as com.microsoft MatMulNBits (float activations): per-output-channel
     symmetric codes stored as uint4 with zero point 8, the channel scale repeated over K blocks."""
     n, k = w_float.shape
+    p = prefix or out
     block = 16
     while block * 2 <= min(k, 128) and k % (block * 2) == 0:
         block *= 2
@@ -122,11 +130,11 @@ def matmul_nbits(parts: GraphParts, src: str, out: str, w_float: np.ndarray, sca
     padded[:, :k] = codes
     lo, hi = padded[:, 0::2], padded[:, 1::2]
     packed = (lo | (hi << 4)).astype(np.uint8).reshape(n, n_blocks, block // 2)
-    parts.const(f"{out}_B", packed)
-    parts.const(f"{out}_scales", np.repeat(scales.astype(np.float32), n_blocks))
-    inputs = [src, f"{out}_B", f"{out}_scales"]
+    parts.const(f"{p}_B", packed)
+    parts.const(f"{p}_scales", np.repeat(scales.astype(np.float32), n_blocks))
+    inputs = [src, f"{p}_B", f"{p}_scales"]
     if bias is not None:
-        inputs += ["", "", parts.const(f"{out}_bias", bias.astype(np.float32))]
-    parts.nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=f"{out}_MatMulNBits", domain="com.microsoft",
+        inputs += ["", "", parts.const(f"{p}_bias", bias.astype(np.float32))]
+    parts.nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=f"{p}_MatMulNBits", domain="com.microsoft",
                                         K=k, N=n, bits=4, block_size=block))
     return out

@@ -58,19 +58,22 @@ def cpu_details() -> dict[str, str]:
 
 class OrtTarget:
     """ONNX Runtime CPU execution provider; ``threads`` is ``intra_op_num_threads`` for every session;
+    ``exact_u8s8`` selects ORT's exact int8 path on AVX2-only CPUs (targets/ort/timing.py; default on);
     ``clock`` is how a run is timed (targets/ort/timing.py: ``auto`` = thread CPU time at 1 thread, wall
     time otherwise); it is part of the device fingerprint, so LUTs timed differently never mix."""
 
     id = "ort-x86"
     precisions = ORT_PRECISIONS
 
-    def __init__(self, threads: int = 1, workdir: str | None = None, clock: str = "auto", **_: object) -> None:
+    def __init__(self, threads: int = 1, workdir: str | None = None, clock: str = "auto", exact_u8s8: bool = True,
+                 **_: object) -> None:
         from .timing import resolve_clock
 
         if int(threads) < 1:
             raise ValueError(f"OrtTarget: threads must be >= 1, got {threads}")
         self.threads = int(threads)
         self.clock = resolve_clock(clock, self.threads)
+        self.exact_u8s8 = bool(exact_u8s8)
         self._workdir = workdir
         self._counter = 0
 
@@ -81,7 +84,7 @@ class OrtTarget:
         from ..energy import powercap_counter
 
         details = {**cpu_details(), "onnxruntime": ort.__version__, "threads": str(self.threads),
-                   "clock": self.clock}
+                   "clock": self.clock, "exact_u8s8": str(self.exact_u8s8)}
         fp = hashlib.sha256(json.dumps(details, sort_keys=True).encode()).hexdigest()[:16]
         return DeviceInfo(fingerprint=fp, details=details, energy_counter=powercap_counter())
 
@@ -129,7 +132,7 @@ class OrtTarget:
         if config.threads != self.threads:
             return RunResult(None, f"MeasureConfig.threads={config.threads} but this target was made with "
                                    f"threads={self.threads}; make OrtTarget(threads={config.threads})")
-        return time_model(build.artifact, config, clock=self.clock)
+        return time_model(build.artifact, config, clock=self.clock, exact_u8s8=self.exact_u8s8)
 
     def energy(self, spec: LayerSpec, precision: Precision, latency_ms: float | None) -> tuple[float | None, str]:
         from ..energy import layer_energy
@@ -146,8 +149,11 @@ class OrtTarget:
         specs, _ = analyse(model_float_view(model), example_input)
         allowed = {s.fqn: self.precisions.for_layer(s) for s in specs}
         plan.validate_against([s.fqn for s in specs], allowed)
-        return write_export(model, plan, specs, example_input, out_dir, self.threads,
-                            manifest_extra=options.get("manifest_extra"))
+        extra = {"session_config": {"session.qdqisint8allowed": "1",
+                                    "session.x64quantprecision": "1" if self.exact_u8s8 else "0"},
+                 **(options.get("manifest_extra") or {})}
+        return write_export(model, plan, specs, example_input, out_dir, self.threads, manifest_extra=extra,
+                            exact_u8s8=self.exact_u8s8)
 
     def measure_artifact(self, export: ExportResult, config: MeasureConfig) -> RunResult:
         """End-to-end latency of an exported model.onnx (input from the manifest's input shape)."""

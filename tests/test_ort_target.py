@@ -1,0 +1,125 @@
+"""The ort-x86 target: single-layer graphs build, run in real ONNX Runtime sessions, fuse into integer
+kernels where ORT can, compute what the QDQ semantics say, and report failures as data."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from hwmpq.targets import get_target
+from hwmpq.targets.energy import modeled_energy_mj
+from hwmpq.targets.ort import layers
+from hwmpq.targets.ort.target import ORT_PRECISIONS, OrtTarget
+from hwmpq.targets.ort.timing import make_session, random_feeds, summarize
+
+from hwmpq.records import FP32, BuildResult, LayerSpec, MeasureConfig, Precision
+
+FAST = MeasureConfig(warmup=1, repeat=3)
+CONV = LayerSpec("c", "conv", 8, 16, (3, 3), (1, 1), (1, 1), in_hw=(8, 8), out_hw=(8, 8), bias=False,
+                 macs=8 * 16 * 9 * 64, params=8 * 16 * 9)
+DW = LayerSpec("d", "dwconv", 16, 16, (3, 3), (2, 2), (1, 1), groups=16, in_hw=(8, 8), out_hw=(4, 4), bias=False,
+               macs=16 * 9 * 16, params=16 * 9)
+LIN = LayerSpec("l", "linear", 32, 10, bias=True, macs=320, params=330)
+SPECS = {"conv": CONV, "dwconv": DW, "linear": LIN}
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> Counter:
+    path = tmp_path / "opt.onnx"
+    make_session(model.SerializeToString(), 1, optimized_path=str(path))
+    return Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+@pytest.fixture(scope="module")
+def target():
+    t = OrtTarget(threads=1)
+    yield t
+    t.cleanup()
+
+
+@pytest.mark.parametrize("kind", ["conv", "dwconv", "linear"])
+def test_every_declared_precision_builds_and_runs(target, kind):
+    spec = SPECS[kind]
+    for p in ORT_PRECISIONS.for_kind(kind):
+        build = target.build_layer(spec, p)
+        assert build.error_msg is None, (kind, p.label, build.error_msg)
+        run = target.run(build, FAST)
+        assert run.error_msg is None, (kind, p.label, run.error_msg)
+        st = summarize(run.latencies_ms)
+        assert st.n == 3 and 0 < st.p10_ms <= st.median_ms <= st.p90_ms
+
+
+@pytest.mark.parametrize(("spec", "fused"), [(CONV, "QLinearConv"), (DW, "QLinearConv"), (LIN, "QGemm")],
+                         ids=["conv", "dwconv", "linear"])
+def test_w8a8_becomes_an_integer_kernel(tmp_path, spec, fused):
+    ops = optimized_ops(layers.layer_model(spec, Precision(8, 8)), tmp_path)
+    assert ops[fused] == 1 and ops["Conv"] == 0 and ops["Gemm"] == 0, ops
+
+
+def test_int16_runs_as_float_between_qdq_and_int4_linear_is_matmulnbits(tmp_path):
+    ops16 = optimized_ops(layers.layer_model(CONV, Precision(16, 16)), tmp_path)
+    assert ops16["Conv"] == 1 and ops16["QLinearConv"] == 0
+    ops4 = optimized_ops(layers.layer_model(LIN, Precision(4, 32)), tmp_path)
+    assert ops4["MatMulNBits"] == 1
+
+
+def test_w8a8_layer_computes_the_qdq_semantics():
+    """QLinearConv output codes equal DQ -> float conv (numpy) -> Q within one code (integer requantize)."""
+    spec = LayerSpec("c", "conv", 4, 6, (1, 1), in_hw=(3, 3), out_hw=(3, 3), bias=False)
+    model = layers.layer_model(spec, Precision(8, 8))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    sess = make_session(model.SerializeToString(), 1)
+    x = np.random.default_rng(1).integers(0, 60, (1, 4, 3, 3)).astype(np.uint8)
+    got = sess.run(None, {"x": x})[0].astype(int) - 128
+    w = inits["y_w_q"].astype(np.float32) * inits["y_w_scale"].reshape(-1, 1, 1, 1)
+    b = inits["y_b_q"] * inits["y_b_scale"]
+    xf = x.astype(np.float32) * inits["y_in_scale"]
+    y = np.einsum("oi,nihw->nohw", w[:, :, 0, 0], xf) + b.reshape(1, -1, 1, 1)
+    want = np.clip(np.round(y / inits["y_scale"]), -128, 127)
+    assert np.abs(got - want).max() <= 1
+    assert (got == want).mean() > 0.9
+
+
+def test_refused_precision_and_failures_are_results(target):
+    bad = target.build_layer(CONV, Precision(4, 32))
+    assert bad.artifact is None and "cannot run w4a32" in bad.error_msg
+    assert target.run(bad, FAST).error_msg
+    missing = target.run(BuildResult("/nonexistent/model.onnx"), FAST)
+    assert missing.latencies_ms is None and "session creation failed" in missing.error_msg
+    slow = target.run(target.build_layer(CONV, FP32), MeasureConfig(warmup=0, repeat=10_000, timeout_s=0.01))
+    assert slow.error_msg and "timeout" in slow.error_msg
+    wrong_threads = target.run(target.build_layer(CONV, FP32), MeasureConfig(threads=2, repeat=1))
+    assert "threads" in wrong_threads.error_msg
+
+
+def test_transitions_and_overhead_build_and_run(target, tmp_path):
+    for src, dst in [(FP32, Precision(8, 8)), (Precision(8, 8), FP32), (Precision(8, 8), Precision(16, 16)),
+                     (Precision(4, 32), FP32)]:
+        shape = (1, 32) if src.a_bits == 32 and src.w_bits == 4 else (1, 8, 4, 4)
+        build = target.build_transition(shape, src, dst)
+        assert build.error_msg is None
+        assert target.run(build, FAST).error_msg is None
+    assert target.run(target.build_overhead(), FAST).error_msg is None
+    ops = optimized_ops(layers.transition_model((1, 8, 4, 4), Precision(8, 8), Precision(8, 8)), tmp_path)
+    assert ops["QLinearConv"] == 2, ops  # both stand-ins stay integer kernels in the chain
+    sess = make_session(layers.transition_model((1, 8, 4, 4), FP32, Precision(8, 8)).SerializeToString(), 1)
+    assert sess.run(None, random_feeds(sess))[0].dtype == np.uint8
+
+
+def test_device_fingerprint_depends_on_threads_and_registry():
+    one, two = OrtTarget(threads=1).device(), OrtTarget(threads=2).device()
+    assert one.fingerprint != two.fingerprint and one.details["onnxruntime"]
+    assert one.details["clock"] == "thread_cpu" and two.details["clock"] == "wall"
+    assert get_target("ort-x86", threads=1).id == "ort-x86"
+    with pytest.raises(ValueError):
+        OrtTarget(threads=0)
+    with pytest.raises(ValueError):
+        OrtTarget(threads=2, clock="thread_cpu")
+
+
+def test_energy_is_modeled_and_integer_is_cheaper(target):
+    e8, src = target.energy(CONV, Precision(8, 8), 0.1)
+    e32, _ = target.energy(CONV, FP32, 0.1)
+    e16, _ = target.energy(CONV, Precision(16, 16), 0.1)
+    assert src == "modeled" and 0 < e8 < e32
+    assert e16 > e8  # int16 runs as float compute on ORT: charged float MACs
+    assert modeled_energy_mj(CONV, FP32) == pytest.approx(CONV.macs * 4.6e-9 + (CONV.params * 4 + (8 * 64 + 16 * 64) * 4) * 2.5e-9)
