@@ -1,0 +1,137 @@
+"""The LUT latency model: formulas on hand-written rows (exact numbers), refusal of incomplete or foreign
+stores, edges across merges, and a table built from a real ORT profile of a tiny model."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from hwmpq.lut.model import (
+    ForeignTableError,
+    MissingEntriesError,
+    build_table,
+    edges_through_merges,
+    profiling_specs,
+)
+from hwmpq.lut.store import LutStore
+from hwmpq.targets.base import DeviceInfo, TargetPrecisions
+from hwmpq.targets.ort.target import OrtTarget
+
+from hwmpq.graph import analyse
+from hwmpq.records import FP32, BitPlan, Edge, LayerSpec, MeasureConfig, Measurement, Precision
+from hwmpq.zoo import create_model
+
+W8 = Precision(8, 8)
+CFG = MeasureConfig(warmup=1, repeat=5)
+
+
+class TwoPrecisionTarget:
+    """A target declaring fp32 and w8a8 with a stand-in, for hand-computed tables (rows are written by hand)."""
+
+    id = "hand"
+    precisions = TargetPrecisions(conv=(FP32, W8), dwconv=(FP32, W8), linear=(FP32, W8))
+
+    def device(self) -> DeviceInfo:
+        return DeviceInfo("hand-device")
+
+    def transition_stand_in(self, shape):
+        return LayerSpec(f"stand_in{list(shape)}", "dwconv", shape[1], shape[1], groups=shape[1],
+                         in_hw=shape[2:], out_hw=shape[2:])
+
+
+A = LayerSpec("a", "conv", 4, 8, (3, 3), padding=(1, 1), in_hw=(4, 4), out_hw=(4, 4))
+B = LayerSpec("b", "conv", 8, 8, (1, 1), in_hw=(4, 4), out_hw=(4, 4), bias=False)
+EDGE = Edge("a", "b", (1, 8, 4, 4))
+
+
+def row(kind, sig, p, ms, src=None):
+    return Measurement(sig, p, "hand", "hand-device", ms, config=CFG, kind=kind, src_precision=src,
+                       time_unix=time.time())
+
+
+@pytest.fixture
+def hand_store(tmp_path):
+    target = TwoPrecisionTarget()
+    store = LutStore.open(tmp_path / "hand.lut", target=target.id, device=target.device())
+    st = target.transition_stand_in(EDGE.tensor_shape)
+    rows = [row("overhead", "overhead", FP32, 0.01),
+            row("layer", A.signature, FP32, 1.01), row("layer", A.signature, W8, 0.51),
+            row("layer", B.signature, FP32, 0.41), row("layer", B.signature, W8, 0.21),
+            row("layer", st.signature, FP32, 0.05), row("layer", st.signature, W8, 0.04)]
+    chains = {(FP32, FP32): 0.08, (W8, W8): 0.10, (FP32, W8): 0.15, (W8, FP32): 0.17}
+    rows += [row("transition", EDGE.signature, d, ms, src=s) for (s, d), ms in chains.items()]
+    for r in rows:
+        store.add(r)
+    yield store, target
+    store.close()
+
+
+def test_table_from_hand_rows_follows_the_documented_formulas(hand_store):
+    store, target = hand_store
+    table = build_table(store, [A, B], [EDGE], CFG, target)
+    f, q = table.candidates.index(FP32), table.candidates.index(W8)
+    np.testing.assert_allclose(table.layer_ms[0, [f, q]], [1.0, 0.5])  # minus the 0.01 ms overhead
+    assert table.constant_ms == pytest.approx(0.01)
+    (_, _, t), = table.transitions
+    glue_f = max(0, 0.08 - 2 * 0.05 + 0.01)  # negative (layout saved) -> 0
+    glue_q = 0.10 - 2 * 0.04 + 0.01
+    assert t[f, f] == pytest.approx(glue_f) and t[q, q] == pytest.approx(glue_q)
+    assert t[f, q] == pytest.approx(0.15 - (0.08 + 0.10) / 2 + (glue_f + glue_q) / 2)
+    assert t[q, f] == pytest.approx(0.17 - (0.08 + 0.10) / 2 + (glue_f + glue_q) / 2)
+    lat, _ = table.predict(BitPlan.from_dict({"a": W8, "b": FP32}))
+    assert lat == pytest.approx(0.5 + 0.4 + t[q, f] + 0.01)
+
+
+def test_missing_rows_name_the_layers_and_foreign_stores_are_refused(hand_store, tmp_path):
+    store, target = hand_store
+    c = LayerSpec("c", "linear", 8, 3)
+    with pytest.raises(MissingEntriesError, match=r"c@fp32.*hwmpq profile") as err:
+        build_table(store, [A, B, c], [EDGE], CFG, target)
+    assert ("c", "w8a8") in err.value.missing
+
+    class Other(TwoPrecisionTarget):
+        id = "other"
+
+    with pytest.raises(ForeignTableError, match="target 'hand'"):
+        build_table(store, [A, B], [EDGE], CFG, Other())
+    build_table(store, [A, B], [EDGE], CFG, Other(), allow_foreign=True)
+    with pytest.warns(UserWarning, match="transition entries are not in the LUT"):
+        build_table(store, [A, B], [Edge("a", "b", (1, 8, 2, 2))], CFG, target)
+
+
+@pytest.mark.slow
+def test_edges_cross_residual_adds():
+    model = create_model("resnet20")
+    x = torch.zeros(1, 3, 32, 32)
+    _, base = analyse(model, x)
+    edges = edges_through_merges(model, x)
+    pairs = {(e.src, e.dst) for e in edges}
+    assert {(e.src, e.dst) for e in base} <= pairs
+    # across the first residual add: the block's conv2 (and the stem, through the identity skip) feed the next block
+    assert ("layers.0.0.conv2", "layers.0.1.conv1") in pairs and ("stem.0", "layers.0.1.conv1") in pairs
+    assert ("layers.0.2.conv2", "layers.1.0.shortcut.0") in pairs
+    # not through two merges: block 0.0's conv2 does not feed block 0.2 directly
+    assert ("layers.0.0.conv2", "layers.0.2.conv1") not in pairs
+
+
+@pytest.mark.slow
+def test_table_from_a_real_ort_profile(tmp_path):
+    from hwmpq.profilers.runner import profile
+
+    model = create_model("test_tiny").eval()
+    x = torch.zeros(1, 1, 8, 8)
+    specs, _ = analyse(model, x)
+    edges = edges_through_merges(model, x)
+    target = OrtTarget(threads=1)
+    store = LutStore.open(tmp_path / "ort.lut", target=target.id, device=target.device())
+    with pytest.raises(MissingEntriesError):
+        build_table(store, specs, edges, CFG, target)
+    profile(profiling_specs(specs, edges, target), edges, target, store, CFG, progress=False)
+    table = build_table(store, specs, edges, CFG, target)
+    assert table.layer_ms.shape == (5, len(table.candidates))
+    assert np.isfinite(table.layer_ms[4]).all()  # the linear layer allows every candidate
+    assert np.isinf(table.layer_ms[0, table.candidates.index(Precision(4, 32))])  # conv: no w4a32
+    lat, energy = table.predict(BitPlan.uniform([s.fqn for s in specs], W8))
+    assert lat > table.constant_ms > 0 and energy > 0
+    store.close()
+    target.cleanup()
