@@ -193,6 +193,7 @@ def _train(a: dict, lr: float) -> dict:
 
     t0 = time.perf_counter()
     splits = _limit(load_dataset(a["data"], seed=a["seed"]), a["limit"])
+    torch.manual_seed(a["seed"])  # the initial weights too: two runs of one command give the same model
     model = load_model(a["model"], num_classes=splits.num_classes, in_chans=splits.input_shape[0],
                        weights=a["weights"])
     fit_kw = dict(epochs=a["epochs"], lr=lr, batch_size=a["batch_size"], seed=a["seed"], progress=a["progress"])

@@ -190,3 +190,31 @@ def test_train_qat_malformed_plan(app, tmp_path: Path, content, message):
     out = run(app, *TRAIN, "--epochs", "1", "--out", str(tmp_path / "q.pt"), "--qat", "--plan", str(path),
               code=2).output
     assert message in out and str(path) in out.replace("\n", "")
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path: Path):
+    """A real interruption: SIGINT to `python -m hwmpq train` after its first checkpoint, then --resume."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "hwmpq", "train", "--model", "test_tiny", "--data", "digits", "--batch-size", "16",
+            "--limit", "320", "--epochs", "6", "--no-progress"]
+    whole, part = tmp_path / "whole.pt", tmp_path / "part.pt"
+    subprocess.run([*base, "--out", str(whole)], check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen([*base, "--out", str(part)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while not part.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err, err
+    stopped_at = torch.load(part, weights_only=True)["epoch"]
+    assert 1 <= stopped_at < 6
+    subprocess.run([*base, "--out", str(part), "--resume"], check=True, env=env, capture_output=True, timeout=600)
+    a, b = torch.load(whole, weights_only=True), torch.load(part, weights_only=True)
+    assert b["epoch"] == 6 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
