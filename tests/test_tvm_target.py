@@ -15,7 +15,7 @@ from hwmpq.targets.tvm.presets import UnknownPresetError  # noqa: E402
 from hwmpq.targets.tvm.rpc import RpcAddressError  # noqa: E402
 from hwmpq.targets.tvm.target import TvmTarget  # noqa: E402
 
-from tvm_rpc_fixture import free_port, rpc_server, rpc_tracker  # noqa: E402
+from tvm_rpc_fixture import free_port, kill_tree, rpc_server, rpc_tracker  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 CONV = LayerSpec("conv", "conv", 8, 8, (3, 3), (1, 1), (1, 1), in_hw=(6, 6), out_hw=(6, 6))
@@ -105,8 +105,7 @@ def test_server_dies_mid_profile_then_resumes(work_dir):
     with rpc_server(port) as (_addr, proc):
         first = target.run(build, QUICK)
         assert first.error_msg is None, first.error_msg
-        proc.kill()
-        proc.wait(10)
+        kill_tree(proc)
         dead = target.run(build, QUICK)
     assert dead.latencies_ms is None and "tvm:host" in dead.error_msg
     assert first.latencies_ms  # what was measured before the crash is still there

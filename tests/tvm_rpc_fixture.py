@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,14 +32,21 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill the server and the session children it forked (a device that dies)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+            pass
+    kill_tree(proc)
 
 
 @contextlib.contextmanager
@@ -52,7 +60,8 @@ def rpc_server(port: int | None = None, *, tracker: str | None = None, key: str 
         if tracker:
             cmd += ["--tracker", tracker, "--key", key]
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hwmpq-rpc-{port}.log"), "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                            start_new_session=True)
     try:
         wait_listening(port, proc, start_timeout_s)
         yield f"127.0.0.1:{port}", proc
@@ -66,7 +75,7 @@ def rpc_tracker() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
                              str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_listening(port, proc, 60)
         yield f"127.0.0.1:{port}"

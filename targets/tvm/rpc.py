@@ -190,11 +190,21 @@ def looks_emulated(triple: str, cpuinfo: str, cpu: str) -> bool:
     return triple.startswith("aarch64") and (x86_info or cpu == "generic")
 
 
+_UPLOADS = iter(range(1 << 62))
+
+
+def _remote_name(lib_path: str) -> str:
+    """A fresh remote file name per upload: the remote's dlopen caches by path, so reusing a name would
+    run the previously loaded library."""
+    digest = hashlib.sha256(os.path.abspath(lib_path).encode()).hexdigest()[:10]
+    return f"hwmpq_{os.getpid()}_{next(_UPLOADS)}_{digest}.so"
+
+
 def time_remote(sess, lib_path: str, inputs: list[np.ndarray], config: MeasureConfig) -> list[float]:
     """Upload ``lib_path``, load it in a Relax VM on the remote CPU, time ``main``; per-repeat ms."""
     from tvm import relax, runtime
 
-    name = f"hwmpq_{os.getpid()}_{os.path.basename(lib_path)}"
+    name = _remote_name(lib_path)
     try:
         sess.upload(lib_path, name)
         rlib = sess.load_module(name)
@@ -214,7 +224,7 @@ def outputs_remote(sess, lib_path: str, inputs: list[np.ndarray]) -> np.ndarray:
     """Upload, run ``main`` once on the remote and fetch its output (verification, not timing)."""
     from tvm import relax, runtime
 
-    name = f"hwmpq_out_{os.getpid()}_{os.path.basename(lib_path)}"
+    name = _remote_name(lib_path)
     try:
         sess.upload(lib_path, name)
         dev = sess.cpu()
