@@ -152,7 +152,11 @@ def prepare(cfg: LoopConfig) -> Context:
     target = get_target(cfg.target, threads=cfg.threads)
     measure = MeasureConfig(warmup=cfg.warmup, repeat=cfg.repeat, threads=cfg.threads)
     table = restrict_candidates(load_table(cfg, model, x, target, measure), cfg.candidates)
-    budget = parse_budget(table, cfg.budget, cfg.budget_ms, cfg.budget_mj)
+    no_budget = cfg.budget is None and cfg.budget_ms is None and cfg.budget_mj is None
+    if cfg.method == "uniform" and no_budget:  # a baseline needs no budget
+        budget = Budget(latency_ms=float("inf"))
+    else:
+        budget = parse_budget(table, cfg.budget, cfg.budget_ms, cfg.budget_mj)
     lowest = table.predict_indices(cheapest_plan(table))[0]
     if lowest <= 0:
         _log(f"[yellow]warning[/]: the LUT predicts {lowest:.3g} ms for its cheapest plan: its transition terms are "
