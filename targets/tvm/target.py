@@ -26,7 +26,7 @@ class TvmTarget:
 
     def __init__(self, preset: str = "host", *, rpc: str | None = None, tracker: str | None = None,
                  key: str | None = None, tune_trials: int = 0, work_dir: str | None = None,
-                 timeout_s: float = 120.0, emulated: bool | None = None) -> None:
+                 timeout_s: float = 120.0, emulated: bool | None = None, threads: int = 1) -> None:
         self.preset = get_preset(preset)
         self.id = f"tvm:{self.preset.name}"
         self.precisions: TargetPrecisions = self.preset.precisions
@@ -34,6 +34,7 @@ class TvmTarget:
         if tune_trials < 0:
             raise ValueError(f"tune_trials must be >= 0, got {tune_trials}")
         self.tune_trials = tune_trials
+        self.threads = threads  # the profiler's default MeasureConfig.threads
         self.timeout_s = timeout_s
         self.work_dir = Path(work_dir or os.environ.get("HWMPQ_TVM_WORK_DIR", DEFAULT_WORK_DIR))
         self._emulated = emulated

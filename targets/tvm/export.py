@@ -1,0 +1,261 @@
+"""Whole mixed-precision model -> Relax module with real integer layers per plan -> ``model.so`` (cross
+linked for the board) + ``params``-free manifest; verified against the torch fake-quant model.
+
+Each quantized layer is emitted as: float input -> quantize to codes (round half even, saturate) ->
+NCHW->NHWC -> int8 (or bitserial) integer kernel with int32 accumulation and requantization -> NHWC->NCHW
+-> dequantize. Glue between layers (ReLU, residual add, pooling, flatten) stays float32, i.e. Q/DQ at
+every layer boundary, the same graph ONNX QDQ describes. Weights are constants inside the library.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from hwmpq.qmodules import QuantLayer, quantize_
+from hwmpq.records import W8A8, BitPlan, MeasureConfig, RunResult, atomic_write_text, to_jsonable
+
+from ..base import ExportResult
+from .layers import emit_bitserial_layer, emit_float_layer, emit_int8_layer, int_params, is_bitserial
+
+
+class ExportError(ValueError):
+    """The model or plan cannot be exported to this TVM preset; the message names the layer."""
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+        return isinstance(m, (QuantLayer, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, name)
+
+
+def _quant_params(q: QuantLayer):
+    """(IntLayerParams, s_in, s_out, in_signed, (qmin, qmax) of the input) from the learned quantizers."""
+    s_in = float(q.in_quant.effective_scale().detach().reshape(-1)[0])
+    s_out = float(q.out_quant.effective_scale().detach().reshape(-1)[0])
+    s_w = q.w_quant.effective_scale().detach().float().numpy()
+    wmin, wmax = q.w_quant.range
+    shape = [-1] + [1] * (q.weight.dim() - 1)
+    w_q = torch.clamp(torch.round(q.weight.detach() / torch.from_numpy(s_w).reshape(shape)), wmin, wmax)
+    bias = None if q.bias is None else q.bias.detach().float().numpy()
+    p = int_params(w_q.numpy().astype(np.int8), bias, s_in, s_w, s_out, q.in_quant.signed, q.precision)
+    return p, s_in, s_out, q.in_quant.range
+
+
+def _emit_quant_layer(bb, x, fqn: str, q: QuantLayer, spec):
+    from tvm import relax
+
+    p, s_in, s_out, (qmin, qmax) = _quant_params(q)
+    if q.precision != W8A8 and not is_bitserial(q.precision):
+        raise ExportError(f"layer {fqn!r}: {q.precision.label} has no TVM integer kernel; use w8a8 or bitserial")
+    codes = relax.op.clip(relax.op.round(relax.op.divide(x, relax.const(np.float32(s_in)))), qmin, qmax)
+    xq = bb.emit(relax.op.astype(codes, p.in_dtype))
+    conv = spec.kind != "linear"
+    if conv:
+        xq = bb.emit(relax.op.permute_dims(xq, [0, 2, 3, 1]))
+    emit = emit_int8_layer if q.precision == W8A8 else emit_bitserial_layer
+    try:
+        yq = emit(bb, xq, spec, p)
+    except ValueError as e:
+        raise ExportError(f"layer {fqn!r} at {q.precision.label}: {e}") from None
+    if conv:
+        yq = bb.emit(relax.op.permute_dims(yq, [0, 3, 1, 2]))
+    return bb.emit(relax.op.multiply(relax.op.astype(yq, "float32"), relax.const(np.float32(s_out))))
+
+
+def _emit_module(bb, x, mod: nn.Module, name: str, specs):
+    from tvm import relax
+
+    op = relax.op
+    if isinstance(mod, QuantLayer):
+        return _emit_quant_layer(bb, x, name, mod, specs[name])
+    if isinstance(mod, (nn.Conv2d, nn.Linear)):
+        b = None if mod.bias is None else mod.bias.detach().numpy()
+        return emit_float_layer(bb, x, specs[name], mod.weight.detach().numpy(), b)
+    if isinstance(mod, nn.ReLU):
+        return bb.emit(op.nn.relu(x))
+    if isinstance(mod, nn.ReLU6):
+        return bb.emit(op.clip(x, 0, 6))
+    if isinstance(mod, (nn.Identity, nn.Dropout)):
+        return x
+    if isinstance(mod, nn.Flatten):
+        return bb.emit(op.reshape(x, (x.struct_info.shape[0], -1)) if hasattr(x, "struct_info") else
+                       op.flatten(x))
+    if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
+        return bb.emit(op.mean(x, axis=[2, 3], keepdims=True))
+    if isinstance(mod, nn.BatchNorm2d):
+        inv = (mod.weight / torch.sqrt(mod.running_var + mod.eps)).detach().numpy().reshape(1, -1, 1, 1)
+        shift = (mod.bias.detach().numpy().reshape(1, -1, 1, 1) - mod.running_mean.numpy().reshape(1, -1, 1, 1) * inv)
+        return bb.emit(op.add(op.multiply(x, relax.const(inv.astype(np.float32))),
+                              relax.const(shift.astype(np.float32))))
+    raise ExportError(f"module {name!r} ({type(mod).__name__}) has no TVM export rule")
+
+
+_FUNCS = {operator.add: "add", torch.add: "add", operator.iadd: "add", F.relu: "relu", torch.relu: "relu",
+          torch.flatten: "flatten"}
+
+
+def _emit_call(bb, node: fx.Node, args):
+    from tvm import relax
+
+    kind = _FUNCS.get(node.target) if node.op == "call_function" else node.target
+    if kind == "add":
+        return bb.emit(relax.op.add(args[0], args[1]))
+    if kind == "relu":
+        return bb.emit(relax.op.nn.relu(args[0]))
+    if kind in ("flatten", "view", "reshape"):
+        return bb.emit(relax.op.flatten(args[0]) if args[0].struct_info.ndim == 2 else
+                       relax.op.reshape(args[0], (args[0].struct_info.shape[0], -1)))
+    raise ExportError(f"operation {node.target!r} (node {node.name!r}) has no TVM export rule")
+
+
+def build_relax(qmodel: nn.Module, example: torch.Tensor, specs) -> object:
+    """The quantized model (after ``quantize_`` and calibration) as a Relax IRModule."""
+    from tvm import relax
+
+    graph = _Tracer().trace(qmodel)
+    modules = dict(qmodel.named_modules())
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(tuple(example.shape), "float32"))
+    env: dict[str, object] = {}
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            for node in graph.nodes:
+                args = [env[a.name] if isinstance(a, fx.Node) else a for a in node.args]
+                if node.op == "placeholder":
+                    env[node.name] = x
+                elif node.op == "call_module":
+                    env[node.name] = _emit_module(bb, args[0], modules[node.target], node.target, specs)
+                elif node.op in ("call_function", "call_method"):
+                    env[node.name] = _emit_call(bb, node, args)
+                elif node.op == "output":
+                    out = bb.emit_output(args[0])
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _spec_of(fqn: str, mod: nn.Module):
+    from hwmpq.records import LayerSpec
+
+    if isinstance(mod, nn.Linear):
+        return LayerSpec(fqn, "linear", mod.in_features, mod.out_features, bias=mod.bias is not None)
+    kind = "dwconv" if mod.groups > 1 and mod.groups == mod.in_channels else "conv"
+    return LayerSpec(fqn, kind, mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                     mod.dilation, mod.groups, bias=mod.bias is not None)
+
+
+def prepare_model(model: nn.Module, plan: BitPlan, example: torch.Tensor) -> tuple[nn.Module, list[str]]:
+    """The model with quantizers: used as given when it already holds QuantLayers (learned scales), else
+    a copy is quantized per plan and calibrated on ``example`` (said in the returned warnings)."""
+    import copy
+
+    warnings = []
+    if not any(isinstance(m, QuantLayer) for m in model.modules()):
+        model = quantize_(copy.deepcopy(model), plan)
+        warnings.append("model had no trained quantizers: scales calibrated from the example input")
+    model.eval()
+    with torch.no_grad():
+        model(example)
+    return model, warnings
+
+
+def export_model(target, model: nn.Module, plan: BitPlan, example_input: torch.Tensor, out_dir: str,
+                 **options) -> ExportResult:
+    """Compile ``model`` per ``plan`` for ``target`` (a TvmTarget), write model.so + manifest.json, and
+    verify its output against the torch fake-quant model (on the device when the target has one)."""
+    qmodel, warnings = prepare_model(model, plan, example_input)
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, (QuantLayer, nn.Conv2d, nn.Linear))
+              and not any(n.startswith(q + ".") for q in _quant_names(qmodel))}
+    specs = {n: _spec_of(n, m.layer if isinstance(m, QuantLayer) else m) for n, m in layers.items()}
+    allowed = {n: target.precisions.for_layer(s) for n, s in specs.items()}
+    try:
+        plan.validate_against(list(specs), allowed)
+    except ValueError as e:
+        raise ExportError(f"plan does not fit {target.id}: {e}") from None
+    mod = build_relax(qmodel, example_input, specs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    target._compile_to(mod, out / "model.so")
+    build_s = time.time() - t0
+    with torch.no_grad():
+        ref = qmodel(example_input).numpy()
+    got = run_artifact(target, str(out / "model.so"), [example_input.numpy().astype(np.float32)])
+    check = agreement(ref, got, _last_out_scale(qmodel))
+    integer = tuple(n for n, m in layers.items() if isinstance(m, QuantLayer))
+    floats = tuple(n for n in layers if n not in integer)
+    manifest = {
+        "target": target.id, "preset_target": dict(target.preset.target), "device": target.device().fingerprint,
+        "emulated": target.device().emulated, "plan": to_jsonable(plan), "integer_layers": list(integer),
+        "float_layers": list(floats), "scales": _scales(qmodel), "verification": check, "build_s": build_s,
+        "tune_trials": target.tune_trials, "input_shape": list(example_input.shape),
+        "versions": {"tvm": target.device().details.get("tvm_client", ""), "torch": torch.__version__},
+        "time_unix": time.time(), **{k: v for k, v in options.items() if isinstance(v, (int, float, str))},
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, default=str))
+    np.save(out / "example_input.npy", example_input.numpy())
+    if not check["ok"]:
+        warnings.append(f"verification failed: {check}")
+    return ExportResult(str(out), str(out / "model.so"), str(out / "manifest.json"), integer, floats,
+                        tuple(warnings))
+
+
+def _quant_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def _last_out_scale(model: nn.Module) -> float | None:
+    qs = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    return float(qs[-1].out_quant.effective_scale().detach().reshape(-1)[0]) if qs else None
+
+
+def _scales(model: nn.Module) -> dict[str, dict[str, object]]:
+    return {n: {"s_in": float(m.in_quant.effective_scale().detach()[0]), "s_out": float(m.out_quant.effective_scale().detach()[0]),
+                "in_signed": m.in_quant.signed, "s_w": m.w_quant.effective_scale().detach().tolist()}
+            for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def agreement(ref: np.ndarray, got: np.ndarray, lsb: float | None) -> dict[str, object]:
+    """Output agreement: max |diff|, in units of the last layer's output step when it is quantized, and
+    the fraction of outputs that are exactly equal; ok = within 2 LSB everywhere (float: 1e-4 rel)."""
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    res = {"max_abs": float(diff.max()), "frac_equal": float(np.mean(diff <= 1e-6 * (1 + np.abs(ref)))),
+           "argmax_equal": float(np.mean(ref.argmax(-1) == got.argmax(-1))) if ref.ndim == 2 else None}
+    if lsb:
+        res["max_lsb"] = float(diff.max() / lsb)
+        res["ok"] = bool(res["max_lsb"] <= 2.0 + 1e-6)
+    else:
+        res["ok"] = bool(diff.max() <= 1e-4 * (1 + np.abs(ref).max()))
+    return res
+
+
+def run_artifact(target, lib: str, inputs: list[np.ndarray]) -> np.ndarray:
+    """Run the library once: on the target's device over RPC, or in this process for ``host``."""
+    from . import rpc as rpcmod
+
+    if target._pool is not None:
+        sess = target._pool.get()
+        return rpcmod.call_with_timeout(lambda: rpcmod.outputs_remote(sess, lib, inputs), target.timeout_s,
+                                        "verification run")
+    if not target.preset.is_host:
+        raise ExportError(f"{target.id}: verification needs the board: pass --rpc or --tracker")
+    import tvm
+    from tvm import relax, runtime
+
+    vm = relax.VirtualMachine(runtime.load_module(lib), tvm.cpu())
+    return vm["main"](*[runtime.tensor(x) for x in inputs]).numpy()
+
+
+def measure_export(target, export: ExportResult, config: MeasureConfig) -> RunResult:
+    """Time the whole exported model on the target's device (same protocol as single layers)."""
+    from hwmpq.records import BuildResult
+
+    inputs = Path(export.out_dir) / "inputs.npz"
+    np.savez(inputs, np.load(Path(export.out_dir) / "example_input.npy").astype(np.float32))
+    return target.run(BuildResult(json.dumps({"lib": export.artifact, "inputs": str(inputs)})), config)
