@@ -137,11 +137,23 @@ def export_measured(ctx, fronts: dict, fractions: list[float], out: Path, proxy:
     return {str(k): v for k, v in cache.items()}
 
 
+def reuse_front(path: str, stats_text: str = "") -> tuple[list, dict]:
+    """A front computed by an earlier (or parallel) run of this script: ``METHOD=PATH[:evaluations:wall_s]``;
+    the stats come from the file's meta when this script wrote it, else from the text."""
+    raw = json.loads(Path(path).read_text())
+    stats = {k: v for k, v in raw["_data"].get("meta", {}).items() if k in ("evaluations", "wall_s", "runs")}
+    if stats_text:
+        ev, wall = stats_text.split(":")
+        stats = {"evaluations": int(ev), "wall_s": float(wall)}
+    return load_front(path), {**stats, "reused_from": path}
+
+
 def run_model(name: str, a, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     weights = getattr(a, f"weights_{name}", None) if hasattr(a, f"weights_{name}") else None
     cfg = LoopConfig(method="uniform", model=name, data=a.data, data_limit=a.data_limit, weights=weights,
-                     pretrain_epochs=0 if weights else a.pretrain_epochs, target=a.target, lut=str(out / "lut.sqlite"),
+                     pretrain_epochs=0 if weights else a.pretrain_epochs, target=a.target,
+                     lut=a.lut or str(out / "lut.sqlite"),
                      profile_missing=True, budget="1.0x", warmup=a.warmup, repeat=a.repeat, seed=a.seed,
                      progress=False)
     t0 = time.perf_counter()
@@ -154,14 +166,22 @@ def run_model(name: str, a, out: Path) -> dict:
     params = [spec[f].params for f in ctx.table.fqns]
     proxy = ProxyConfig(calib_samples=256, eval_samples=a.eval_samples)
     pctx = make_context(ctx.model, ctx.splits, ctx.table.fqns, ctx.table.candidates, proxy, a.seed)
+    runners = {
+        "uniform": lambda: uniform_front(ctx, pctx, params, 0),
+        "nemo": lambda: strategy_front(ctx, NEMOConfig(population=a.nemo_pop, generations=a.nemo_gens,
+                                                       workers=a.workers, proxy=proxy, out_dir=str(out / "nemo"),
+                                                       ray_address=a.ray), "nemo"),
+        "ilp": lambda: strategy_front(ctx, ILPConfig(sweep_points=a.ilp_points, workers=a.workers, proxy=proxy,
+                                                     out_dir=str(out / "ilp")), "ilp"),
+        "ssps": lambda: ssps_front(ctx, pctx, params, a.ssps_budgets, a),
+    }
     fronts, stats = {}, {}
-    fronts["uniform"], stats["uniform"] = uniform_front(ctx, pctx, params, 0)
-    nemo_cfg = NEMOConfig(population=a.nemo_pop, generations=a.nemo_gens, workers=a.workers, proxy=proxy,
-                          out_dir=str(out / "nemo"), ray_address=a.ray)
-    fronts["nemo"], stats["nemo"] = strategy_front(ctx, nemo_cfg, "nemo")
-    ilp_cfg = ILPConfig(sweep_points=a.ilp_points, workers=a.workers, proxy=proxy, out_dir=str(out / "ilp"))
-    fronts["ilp"], stats["ilp"] = strategy_front(ctx, ilp_cfg, "ilp")
-    fronts["ssps"], stats["ssps"] = ssps_front(ctx, pctx, params, a.ssps_budgets, a)
+    for method in a.methods.split(","):
+        if method in a.reuse:
+            fronts[method], stats[method] = reuse_front(*a.reuse[method])
+        else:
+            fronts[method], stats[method] = runners[method]()
+            save_front(fronts[method], out / f"{method}.json", {"method": method, "model": name, **stats[method]})
     measured = export_measured(ctx, fronts, a.export_budgets, out, proxy)
     return summarise(name, ctx, fronts, stats, measured, out)
 
@@ -176,7 +196,7 @@ def summarise(name: str, ctx, fronts: dict, stats: dict, measured: dict, out: Pa
                          "best_acc": float("nan"), "min_pred_ms": float("nan"), "measured_plans": 0,
                          **{k: v for k, v in stats[method].items() if k != "notes"}})
             continue
-        save_front(pts, out / f"{method}.json", {"method": method, "model": name})
+        save_front(pts, out / f"{method}.json", {"method": method, "model": name, **stats[method]})
         F = objective_matrix(pts, ("error", "latency_ms"))
         nd = pareto_front(pts, ("error", "latency_ms"))
         rows.append({"model": name, "method": method, "plans": len(pts), "front_2d": len(nd),
@@ -224,8 +244,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--repeat", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default="uniform,nemo,ilp,ssps")
+    ap.add_argument("--reuse", action="append", default=[],
+                    help="METHOD=PATH[:evaluations:wall_s]: take that front from a file instead of running it")
+    ap.add_argument("--lut", default=None, help="LUT file (default <out>/<model>/lut.sqlite)")
     ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run of the script")
     a = ap.parse_args()
+    a.reuse = {m: tuple(v.split(":", 1)) for m, v in (r.split("=", 1) for r in a.reuse)}
     if a.quick:
         a.pretrain_epochs, a.eval_samples, a.nemo_pop, a.nemo_gens, a.ilp_points = 1, 200, 8, 1, 3
         a.ssps_budgets, a.ssps_epochs, a.ssps_limit_batches, a.workers = [0.5], 2, 5, 0
