@@ -85,8 +85,7 @@ def _emit_module(bb, x, mod: nn.Module, name: str, specs):
     if isinstance(mod, (nn.Identity, nn.Dropout)):
         return x
     if isinstance(mod, nn.Flatten):
-        return bb.emit(op.reshape(x, (x.struct_info.shape[0], -1)) if hasattr(x, "struct_info") else
-                       op.flatten(x))
+        return bb.emit(op.reshape(x, (specs["__batch__"], -1)))
     if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
         return bb.emit(op.mean(x, axis=[2, 3], keepdims=True))
     if isinstance(mod, nn.BatchNorm2d):
@@ -98,10 +97,10 @@ def _emit_module(bb, x, mod: nn.Module, name: str, specs):
 
 
 _FUNCS = {operator.add: "add", torch.add: "add", operator.iadd: "add", F.relu: "relu", torch.relu: "relu",
-          torch.flatten: "flatten"}
+          torch.flatten: "flatten", F.adaptive_avg_pool2d: "gap"}
 
 
-def _emit_call(bb, node: fx.Node, args):
+def _emit_call(bb, node: fx.Node, args, batch: int):
     from tvm import relax
 
     kind = _FUNCS.get(node.target) if node.op == "call_function" else node.target
@@ -109,9 +108,10 @@ def _emit_call(bb, node: fx.Node, args):
         return bb.emit(relax.op.add(args[0], args[1]))
     if kind == "relu":
         return bb.emit(relax.op.nn.relu(args[0]))
+    if kind == "gap" and args[1] in (1, (1, 1)):
+        return bb.emit(relax.op.mean(args[0], axis=[2, 3], keepdims=True))
     if kind in ("flatten", "view", "reshape"):
-        return bb.emit(relax.op.flatten(args[0]) if args[0].struct_info.ndim == 2 else
-                       relax.op.reshape(args[0], (args[0].struct_info.shape[0], -1)))
+        return bb.emit(relax.op.reshape(args[0], (batch, -1)))  # flatten(start_dim=1) / view(N, -1)
     raise ExportError(f"operation {node.target!r} (node {node.name!r}) has no TVM export rule")
 
 
@@ -120,6 +120,7 @@ def build_relax(qmodel: nn.Module, example: torch.Tensor, specs) -> object:
     from tvm import relax
 
     graph = _Tracer().trace(qmodel)
+    specs = {**specs, "__batch__": int(example.shape[0])}
     modules = dict(qmodel.named_modules())
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(tuple(example.shape), "float32"))
@@ -133,7 +134,7 @@ def build_relax(qmodel: nn.Module, example: torch.Tensor, specs) -> object:
                 elif node.op == "call_module":
                     env[node.name] = _emit_module(bb, args[0], modules[node.target], node.target, specs)
                 elif node.op in ("call_function", "call_method"):
-                    env[node.name] = _emit_call(bb, node, args)
+                    env[node.name] = _emit_call(bb, node, args, int(example.shape[0]))
                 elif node.op == "output":
                     out = bb.emit_output(args[0])
         bb.emit_func_output(out)
