@@ -153,7 +153,7 @@ def run_model(name: str, a, out: Path) -> dict:
     weights = getattr(a, f"weights_{name}", None) if hasattr(a, f"weights_{name}") else None
     cfg = LoopConfig(method="uniform", model=name, data=a.data, data_limit=a.data_limit, weights=weights,
                      pretrain_epochs=0 if weights else a.pretrain_epochs, target=a.target,
-                     lut=a.lut or str(out / "lut.sqlite"),
+                     lut=a.lut or str(out / "lut.sqlite"), force_lut=a.force_lut,
                      profile_missing=True, budget="1.0x", warmup=a.warmup, repeat=a.repeat, seed=a.seed,
                      progress=False)
     t0 = time.perf_counter()
@@ -248,6 +248,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="append", default=[],
                     help="METHOD=PATH[:evaluations:wall_s]: take that front from a file instead of running it")
     ap.add_argument("--lut", default=None, help="LUT file (default <out>/<model>/lut.sqlite)")
+    ap.add_argument("--force-lut", action="store_true",
+                    help="use a LUT whose device fingerprint differs (e.g. the fingerprint code changed since)")
     ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run of the script")
     a = ap.parse_args()
     a.reuse = {m: tuple(v.split(":", 1)) for m, v in (r.split("=", 1) for r in a.reuse)}
