@@ -9,18 +9,18 @@ import pytest
 
 pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e .[tvm])")
 
-from hwmpq.records import FP32, W8A8, LayerSpec, MeasureConfig, Precision  # noqa: E402
 from hwmpq.targets import get_target  # noqa: E402
 from hwmpq.targets.tvm.presets import UnknownPresetError  # noqa: E402
 from hwmpq.targets.tvm.rpc import RpcAddressError  # noqa: E402
 from hwmpq.targets.tvm.target import TvmTarget  # noqa: E402
-
 from tvm_rpc_fixture import free_port, kill_tree, rpc_server, rpc_tracker  # noqa: E402
+
+from hwmpq.records import FP32, W8A8, LayerSpec, MeasureConfig, Precision  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 CONV = LayerSpec("conv", "conv", 8, 8, (3, 3), (1, 1), (1, 1), in_hw=(6, 6), out_hw=(6, 6))
 LINEAR = LayerSpec("fc", "linear", 16, 4)
-QUICK = MeasureConfig(warmup=2, repeat=5, number=2, timeout_s=60)
+QUICK = MeasureConfig(warmup=2, repeat=5, number=2, timeout_s=60.0)
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,30 @@ def _wait_boards(tracker: str, n: int) -> None:
             return
         time.sleep(0.2)
     raise RuntimeError("boards did not register with the tracker")
+
+
+@pytest.mark.slow
+def test_profile_into_lut_marks_emulated_rows_and_search_refuses_them(server, tmp_path):
+    import torch
+    from hwmpq.lut.model import ForeignTableError, build_table
+    from hwmpq.lut.store import LutStore
+    from hwmpq.profilers.runner import profile
+
+    from hwmpq.graph import analyse
+    from hwmpq.zoo import create_model
+
+    specs, edges = analyse(create_model("test_tiny").eval(), torch.randn(1, 1, 8, 8))
+    specs = [s for s in specs if s.kind == "linear"]  # one tiny layer keeps this fast
+    # a loopback x86 server forced to count as emulated (as an aarch64 qemu server is detected)
+    target = TvmTarget("host", rpc=server, work_dir=str(tmp_path / "w"), emulated=True)
+    target.precisions = type(target.precisions)(conv=(FP32,), dwconv=(FP32,), linear=(FP32, W8A8))
+    lut = tmp_path / "lut.sqlite"
+    with LutStore.open(lut, target=target.id, device=target.device()) as store:
+        report = profile(specs, [], target, store, QUICK, progress=False, transitions=False)
+        assert report.measured >= 2 and report.failed == 0, report
+        with pytest.raises(ForeignTableError, match="emulated"):
+            build_table(store, specs, [], QUICK, target)
+        table = build_table(store, specs, [], QUICK, target, allow_emulated=True)
+        assert table is not None
+        again = profile(specs, [], target, store, QUICK, progress=False, transitions=False)
+        assert again.measured == 0 and again.skipped == report.total  # resumes: nothing measured twice

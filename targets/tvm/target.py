@@ -89,6 +89,27 @@ class TvmTarget:
                                      f"failed: {type(e).__name__}: {_first_lines(str(e))}")
         return BuildResult(json.dumps({"lib": str(lib), "inputs": str(out / "inputs.npz")}))
 
+    def build_overhead(self) -> BuildResult:
+        """The per-model constant: one VM call of an identity ``main`` (call + argument overhead)."""
+        out = self.work_dir / "layers" / self.preset.name / "overhead"
+        lib = out / "t0.so"
+        try:
+            from tvm import relax
+
+            x = np.zeros(1, np.float32)
+            bb = relax.BlockBuilder()
+            v = relax.Var("x", relax.TensorType(x.shape, "float32"))
+            with bb.function("main", [v]):
+                bb.emit_func_output(v)
+            if not lib.exists():
+                from .tuning import compile_with_database
+
+                export_library(compile_with_database(bb.get(), self.tvm_target, self.preset, None), lib, self.preset)
+            np.savez(out / "inputs.npz", x)
+        except Exception as e:  # noqa: BLE001
+            return BuildResult(None, f"{self.id}: building the overhead probe failed: {_first_lines(str(e))}")
+        return BuildResult(json.dumps({"lib": str(lib), "inputs": str(out / "inputs.npz")}))
+
     def _compile_to(self, mod, lib: Path) -> None:
         from .tuning import compile_with_database, tune
 
