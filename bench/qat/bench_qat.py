@@ -133,13 +133,15 @@ def print_summary(model: str, summary: list[dict], head: str) -> None:
 
 
 def summarise_csv(a) -> None:
-    path = Path(a.out) / f"{a.model}_runs.csv"
-    with open(path, newline="") as f:
-        rows = [dict(r, test_acc=float(r["test_acc"]), seconds=float(r["seconds"])) for r in csv.DictReader(f)]
+    paths = sorted(Path(a.out).glob(f"{a.model}_runs*.csv"))
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            rows += [dict(r, test_acc=float(r["test_acc"]), seconds=float(r["seconds"])) for r in csv.DictReader(f)]
     summary = summarise(rows)
-    print_summary(a.model, summary, f"{len(rows)} runs from {path}")
+    print_summary(a.model, summary, f"{len(rows)} runs from {[str(p) for p in paths]}")
     atomic_write_text(Path(a.out) / f"{a.model}_partial_summary.json",
-                      json.dumps({"source": str(path), "runs": len(rows), "summary": summary,
+                      json.dumps({"sources": [str(p) for p in paths], "runs": len(rows), "summary": summary,
                                   "seconds_total": sum(r["seconds"] for r in rows)}, indent=1))
 
 
@@ -161,6 +163,8 @@ def main() -> None:
     ap.add_argument("--search-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="runs/bench_qat")
+    ap.add_argument("--tag", default="", help="suffix of the runs CSV, so parallel benches (e.g. one per seed) "
+                    "do not overwrite each other; --summarise-only merges <model>_runs*.csv")
     ap.add_argument("--summarise-only", action="store_true", help="summarise <out>/<model>_runs.csv (e.g. of an "
                     "interrupted bench) into <model>_partial_summary.json and print it; no training")
     a = ap.parse_args()
@@ -197,13 +201,13 @@ def main() -> None:
             rows.append({"model": a.model, "plan": plan_name, "aids": aid, "seed": seed, "test_acc": acc,
                          "seconds": round(secs, 1)})
             print(f"{plan_name:5s} {aid:10s} seed {seed}: test acc {acc:.4f} ({secs:.0f} s)", flush=True)
-            write_csv(rows, out / f"{a.model}_runs.csv")
+            write_csv(rows, out / f"{a.model}_runs{a.tag}.csv")
     summary = summarise(rows)
     print_summary(a.model, summary, f"float {float_acc:.4f}, seeds {a.seeds}")
     report = {"args": vars(a), "float_test_acc": float_acc, "summary": summary, "plans": meta,
               "budget_ms": budget.latency_ms if budget else None, "wall_s": time.perf_counter() - t_start,
               "loadavg_start": load0, "loadavg_end": os.getloadavg(), "torch_threads": a.threads}
-    atomic_write_text(out / f"{a.model}_summary.json", json.dumps(report, indent=1))
+    atomic_write_text(out / f"{a.model}_summary{a.tag}.json", json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
