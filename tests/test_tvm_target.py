@@ -100,7 +100,7 @@ def test_layer_that_fails_to_build_is_a_result(work_dir):
 @pytest.mark.slow
 def test_server_dies_mid_profile_then_resumes(work_dir):
     port = free_port()
-    target = TvmTarget("host", rpc=f"127.0.0.1:{port}", work_dir=work_dir, timeout_s=20)
+    target = TvmTarget("host", rpc=f"127.0.0.1:{port}", work_dir=work_dir, timeout_s=60)
     build = target.build_layer(LINEAR, W8A8)
     with rpc_server(port) as (_addr, proc):
         first = target.run(build, QUICK)
@@ -111,12 +111,14 @@ def test_server_dies_mid_profile_then_resumes(work_dir):
     assert first.latencies_ms  # what was measured before the crash is still there
     with rpc_server(port):
         again = target.run(build, QUICK)
+        if again.error_msg is not None:  # one retry: a fresh server on a loaded box may miss the deadline
+            again = target.run(build, QUICK)
     assert again.error_msg is None, again.error_msg
 
 
 @pytest.mark.slow
 def test_tracker_spreads_over_boards(work_dir):
-    with rpc_tracker() as tracker, rpc_server(tracker=tracker), rpc_server(tracker=tracker):
+    with rpc_tracker() as tracker, rpc_server(tracker=tracker, wait=False), rpc_server(tracker=tracker, wait=False):
         target = TvmTarget("host", tracker=tracker, key="hwmpq-test", work_dir=work_dir)
         _wait_boards(tracker, 2)
         build = target.build_layer(LINEAR, FP32)
@@ -131,7 +133,7 @@ def _wait_boards(tracker: str, n: int) -> None:
     from tvm import rpc
 
     host, port = tracker.split(":")
-    for _ in range(100):
+    for _ in range(600):
         q = rpc.connect_tracker(host, int(port)).summary().get("queue_info", {}).get("hwmpq-test", {})
         if q.get("free", 0) >= n:
             return

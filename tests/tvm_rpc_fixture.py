@@ -51,8 +51,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def rpc_server(port: int | None = None, *, tracker: str | None = None, key: str = "hwmpq-test",
-               cmd: list[str] | None = None, start_timeout_s: float = 60.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A TVM RPC server on 127.0.0.1 (``cmd`` overrides the command, e.g. the qemu aarch64 server)."""
+               cmd: list[str] | None = None, start_timeout_s: float = 120.0,
+               wait: bool = True) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A TVM RPC server on 127.0.0.1 (``cmd`` overrides the command, e.g. the qemu aarch64 server).
+    ``wait=False`` returns at once (servers registering with a tracker start in parallel)."""
     port = port or free_port()
     if cmd is None:
         cmd = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
@@ -63,7 +65,8 @@ def rpc_server(port: int | None = None, *, tracker: str | None = None, key: str 
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
                             start_new_session=True)
     try:
-        wait_listening(port, proc, start_timeout_s)
+        if wait:
+            wait_listening(port, proc, start_timeout_s)
         yield f"127.0.0.1:{port}", proc
     finally:
         stop(proc)
