@@ -112,6 +112,9 @@ def _check_bitserial(spec: LayerSpec, p: IntLayerParams) -> None:
         raise UnsupportedLayerError(f"layer {spec.fqn!r}: bitserial needs unsigned (post-ReLU) input codes")
     if spec.dilation != (1, 1):
         raise UnsupportedLayerError(f"layer {spec.fqn!r}: bitserial conv has no dilation")
+    if spec.in_channels % 8:
+        raise UnsupportedLayerError(f"layer {spec.fqn!r}: bitserial packs input channels in bytes; "
+                                    f"{spec.in_channels} is not a multiple of 8")
 
 
 def emit_bitserial_layer(bb, xq, spec: LayerSpec, p: IntLayerParams):
@@ -181,6 +184,7 @@ def single_layer_module(spec: LayerSpec, precision: Precision, seed: int = 0):
     if precision == Precision(8, 8):
         emit = emit_int8_layer
     elif is_bitserial(precision):
+        _check_bitserial(spec, p)  # before the builder opens a function: a clean error, no dangling blocks
         emit = emit_bitserial_layer
     else:
         raise UnsupportedLayerError(f"no TVM builder for {precision.label}; use fp32, w8a8 or bitserial "

@@ -47,7 +47,7 @@ class TvmTarget:
         if self._device is None:
             details = self._remote_details() if self._pool else _host_details()
             details["preset"] = self.preset.name
-            details["tvm_target"] = json.dumps(dict(self.preset.target), sort_keys=True)
+            details["tvm_target"] = str(self.tvm_target)  # resolved (host: mcpu/mattr from cpuinfo)
             details["tvm_client"] = _tvm_version()
             emulated = details.get("emulated_guess") == "True" if self._emulated is None else self._emulated
             details["emulated"] = str(emulated)
