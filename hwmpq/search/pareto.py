@@ -321,7 +321,13 @@ def plot_fronts(fronts: dict[str, Sequence[FrontPoint]], path: str | Path, title
         ys = [100 * p.accuracy for p in pts]
         area = 30 + 170 * (np.array([p.size_bytes for p in pts]) - s_lo) / (s_hi - s_lo)
         measured = np.array([x != "latency_ms" and p.measured_ms is not None for p in pts])
-        ax.step(xs, ys, where="post", alpha=0.35, lw=1)
+        best, stair_x, stair_y = -np.inf, [], []  # the (accuracy, latency) staircase of this method
+        for xv, yv in zip(xs, ys, strict=True):
+            if yv > best:
+                best = yv
+                stair_x.append(xv)
+                stair_y.append(yv)
+        ax.step(stair_x, stair_y, where="post", alpha=0.5, lw=1)
         energy = np.array([p.energy_mj for p in pts])
         for mask, filled in ((measured, True), (~measured, False)):
             if not mask.any():
