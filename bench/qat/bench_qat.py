@@ -184,7 +184,11 @@ def main() -> None:
     table = budget = None
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for p in a.plans + (["ssps"] if a.ssps else []):
-        if p in ("saq", "ssps"):
+        cached = out / f"{a.model}_{p}_plan.json"
+        if p in ("saq", "ssps") and cached.is_file() and cached.with_suffix(".meta.json").is_file():
+            plans[p], meta[p] = load_plan(cached), json.loads(cached.with_suffix(".meta.json").read_text())
+            print(f"{p} plan from {cached} (searched earlier): {meta[p]['labels']}", flush=True)
+        elif p in ("saq", "ssps"):
             if table is None:
                 from hwmpq.search.budget import parse_budget
 
