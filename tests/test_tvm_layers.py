@@ -40,7 +40,7 @@ def test_tvm_round_is_half_to_even():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec,prec", [(CONV, W8A8), (DW, W8A8), (FC, W8A8), (CONV, Precision(2, 2)),
-                                       (CONV, Precision(4, 4)), (FC, Precision(2, 4))],
+                                       (CONV, Precision(3, 3)), (FC, Precision(2, 4)), (FC, Precision(4, 8))],
                          ids=lambda v: v.fqn if isinstance(v, LayerSpec) else v.label)
 def test_integer_layer_is_exact(spec, prec):
     mod, (x,) = L.single_layer_module(spec, prec, seed=3)

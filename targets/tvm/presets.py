@@ -14,9 +14,10 @@ from ..base import TargetPrecisions
 AARCH64_CXX = "aarch64-linux-gnu-g++"
 
 _INT8 = Precision(8, 8)
-# Bitserial (TOPI bitserial_conv2d_nhwc / bitserial_dense, unsigned activations, unsigned-offset weights):
-# the (w_bits, a_bits) pairs verified bit-exact against the integer reference in tests/test_tvm_layers.py.
-BITSERIAL_PRECISIONS = (Precision(2, 2), Precision(4, 4), Precision(2, 4))
+# Bitserial (TOPI bitserial_conv2d_nhwc / bitserial_dense, unsigned activations, unsigned-offset weights).
+# bench/tvm/bitserial_sweep.py found every w in 2..8 x a in {2,3,4,8} bit-exact (conv and linear); the
+# search is offered this subset (each offered pair costs a profile job per layer):
+BITSERIAL_PRECISIONS = (Precision(2, 2), Precision(3, 3), Precision(4, 4), Precision(2, 4), Precision(4, 8))
 _ALL = (FP32, _INT8, *BITSERIAL_PRECISIONS)
 # Depthwise has no bitserial operator in TOPI: fp32 and int8 only.
 _DEFAULT_PRECISIONS = TargetPrecisions(conv=_ALL, dwconv=(FP32, _INT8), linear=_ALL)
