@@ -360,6 +360,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; records are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -101,6 +101,7 @@ def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

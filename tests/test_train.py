@@ -187,3 +187,9 @@ def test_qat_beats_quantization_without_training(tiny_trained, digits, tmp_path:
 def test_train_result_round_trips_as_record():
     r = TrainResult(2, ({"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.75}), 0.75, "x.pt")
     assert from_json(to_json(r), TrainResult) == r
+
+
+def test_progress_bar_path_runs(digits, capsys):
+    lines: list[str] = []
+    r = fit(_model(), digits, epochs=1, batch_size=64, limit_batches=2, progress=True, log=lines.append)
+    assert r.epochs_run == 1 and lines and lines[0].startswith("epoch 1/1: train loss")
