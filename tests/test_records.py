@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hwmpq import records
@@ -87,6 +87,7 @@ def test_signature_depends_on_shape_only():
     assert dataclasses.replace(SPEC, stride=(1, 1)).signature != SPEC.signature
 
 
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a busy shared CPU
 @given(st.lists(st.tuples(st.from_regex(r"[a-z][a-z0-9_.]{0,12}", fullmatch=True),
                           st.sampled_from(VALID_BITS), st.sampled_from(VALID_BITS)), max_size=12,
                 unique_by=lambda t: t[0]))
