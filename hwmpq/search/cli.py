@@ -37,7 +37,7 @@ def search_command(
     certainty: Annotated[str, Opt(help="SSPS: maxprob | entropy")] = "maxprob",
     checkpoint: Annotated[str | None, Opt(help="supernet checkpoint (kept at the last good epoch)")] = None,
     finetune_epochs: Annotated[int, Opt(help="QAT epochs after the search")] = 1,
-    finetune_lr: Annotated[float, Opt(help="QAT learning rate (SGD)")] = 0.01,
+    finetune_lr: Annotated[float, Opt(help="QAT learning rate (SGD; 0.01 wrecks LSQ step sizes)")] = 0.001,
     finetune_limit_batches: Annotated[int | None, Opt(help="QAT batches per epoch")] = None,
     sam: Annotated[bool, Opt(help="QAT with sharpness-aware minimisation")] = False,
     rho: Annotated[float, Opt(help="SAM radius")] = 0.05,

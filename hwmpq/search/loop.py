@@ -45,7 +45,7 @@ class LoopConfig:
     candidates: tuple[str, ...] = ()  # restrict the search to these precisions (e.g. fp32, w8a8); () = all
     search: dict[str, Any] = field(default_factory=dict)  # DNASConfig / SSPSConfig fields
     finetune_epochs: int = 1
-    finetune_lr: float = 0.01
+    finetune_lr: float = 0.001  # SGD; 0.01 wrecks LSQ step sizes of a BN-folded model within a few steps
     finetune_limit_batches: int | None = None
     batch_size: int = 128
     qat: dict[str, Any] = field(default_factory=dict)  # QATOptions fields (sam, rho, stat_assist, grad_boost)
