@@ -68,18 +68,17 @@ def load_for_export(model: str, weights: str | None, plan, input_shape: str | No
     return net.eval(), x, specs, notes
 
 
-def predict_with_lut(lut: str, target, net, x, plan) -> dict:
-    """{"predicted_latency_ms", "lut"} from the LUT's latency model (rows of its main protocol)."""
+def predict_with_lut(lut: str, target, model: str, x, specs, plan) -> dict:
+    """{"predicted_latency_ms", "lut"} from the LUT's latency model (rows of its main protocol); ``specs``
+    are the float model's (as profiled: BatchNorm not folded)."""
     from collections import Counter
 
     from hwmpq.lut.model import build_table, edges_through_merges
     from hwmpq.lut.store import LutStore
-    from hwmpq.targets.ort.target import model_float_view
 
-    plain = model_float_view(net)
-    from hwmpq.graph import analyse
+    from hwmpq.modelspec import load_model
 
-    specs, _ = analyse(plain, x)
+    plain = load_model(model, in_chans=x.shape[1]).eval()
     with LutStore.open(lut, target=target.id, device=target.device()) as store:
         configs = Counter(m.config for m in store.measurements("layer"))
         if not configs:
@@ -116,16 +115,18 @@ def export_command(
             net, x, specs, notes = load_for_export(model, weights, bit_plan, input_shape, data, tgt)
         extra = {"model": model, "weights": weights, "notes": notes}
         if lut:
-            extra.update(predict_with_lut(lut, tgt, net, x, bit_plan))
+            extra.update(predict_with_lut(lut, tgt, model, x, specs, bit_plan))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = tgt.export(net, bit_plan, x, out, manifest_extra=extra)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, LookupError, FileNotFoundError) as e:
         raise _fail(str(e)) from None
     for w in caught:
         if "did not turn" in str(w.message):
             typer.echo(f"warning: {w.message}", err=True)
     typer.echo(f"wrote {result.artifact}, {out}/model.opt.onnx, {result.manifest}")
+    if "predicted_latency_ms" in extra:
+        typer.echo(f"predicted latency (LUT {lut}): {extra['predicted_latency_ms']:.3f} ms")
     typer.echo(f"integer kernels ({len(result.integer_layers)}): {', '.join(result.integer_layers) or '-'}")
     typer.echo(f"float ({len(result.float_layers)}): {', '.join(result.float_layers) or '-'}")
 
