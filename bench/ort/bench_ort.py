@@ -112,9 +112,9 @@ def bench_model(name: str, target: OrtTarget, config: MeasureConfig, lut_dir: Pa
     return rows
 
 
-def agreement(out: Path, n_test: int = 1000, train_limit: int = 12000, epochs: int = 1) -> dict:
-    """resnet20 on Fashion-MNIST: short float training, w8a8 quantize_ + calibration + a short QAT epoch,
-    export, top-1 agreement and max logit difference on ``n_test`` test images."""
+def agreement(out: Path, n_test: int = 1000, train_limit: int = 12000, epochs: int = 1, qat_epochs: int = 1) -> dict:
+    """resnet20 on Fashion-MNIST: short float training, w8a8 quantize_ + calibration (+ ``qat_epochs`` of
+    QAT), export, top-1 agreement and max logit difference on ``n_test`` test images."""
     from hwmpq.targets.ort.timing import make_session
 
     from hwmpq.data import load_fashion_mnist
@@ -128,7 +128,8 @@ def agreement(out: Path, n_test: int = 1000, train_limit: int = 12000, epochs: i
     plan = BitPlan.uniform([s.fqn for s in specs], Precision(8, 8))
     q = quantize_(copy.deepcopy(model), plan)
     calibrate(q, [calibration_batch(splits, 2)])
-    fit(q, splits, epochs=1, lr=0.005, progress=False)  # short QAT: scales are trained, then exported as is
+    if qat_epochs:
+        fit(q, splits, epochs=qat_epochs, lr=0.005, progress=False)  # QAT: scales trained, exported as is
     q.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -140,12 +141,27 @@ def agreement(out: Path, n_test: int = 1000, train_limit: int = 12000, epochs: i
     sess = make_session(res.artifact, 1)
     got = np.concatenate([sess.run(None, {"input": xt[i:i + 1].numpy()})[0] for i in range(len(xt))])
     report = {"model": "resnet20", "data": "fashion-mnist", "n_test": int(len(xt)), "plan": "w8a8 uniform",
+              "train_images": train_limit, "float_epochs": epochs, "qat_epochs": qat_epochs,
               "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
               "max_logit_diff": float(np.abs(ref - got).max()), "max_abs_logit": float(np.abs(ref).max()),
               "torch_acc": float((ref.argmax(1) == yt.numpy()).mean()), "ort_acc": float((got.argmax(1) == yt.numpy()).mean()),
               "integer_layers": list(res.integer_layers), "float_layers": list(res.float_layers)}
     atomic_write_text(out / "agreement.json", json.dumps(report, indent=1) + "\n")
     return report
+
+
+def validate_model(name: str, target: OrtTarget, config: MeasureConfig, out: Path, n_plans: int) -> None:
+    """``lut.validate`` on ``<out>/<name>.lut`` (profiled by the benchmark, stand-ins included)."""
+    from hwmpq.lut.validate import format_report, validate
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    x = torch.randn(default_input_shape(name))
+    with LutStore.open(out / f"{name}.lut", target=target.id, device=target.device()) as store:
+        report = validate(store, model, x, n_plans, config, seed=0, json_out=str(out / f"validate_{name}.json"),
+                          target=target, model_name=name)
+    print(name)
+    print(format_report(report))
 
 
 def main() -> None:
@@ -156,14 +172,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=60)
     ap.add_argument("--agreement", action="store_true", help="run the Fashion-MNIST export agreement instead")
+    ap.add_argument("--validate", type=int, default=0, help="validate the LUTs in --out with N random plans per model")
+    ap.add_argument("--train-limit", type=int, default=12000, help="agreement: training images")
+    ap.add_argument("--qat-epochs", type=int, default=1, help="agreement: QAT epochs after calibration")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.agreement:
-        print(json.dumps(agreement(out), indent=1))
+        print(json.dumps(agreement(out, train_limit=args.train_limit, qat_epochs=args.qat_epochs), indent=1))
         return
     target = OrtTarget(threads=args.threads)
     config = MeasureConfig(warmup=args.warmup, repeat=args.repeat, threads=args.threads)
+    if args.validate:
+        for name in args.models.split(","):
+            validate_model(name, target, config, out, args.validate)
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="hwmpq-bench-") as tmp:
         for name in args.models.split(","):
