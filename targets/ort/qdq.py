@@ -2,14 +2,14 @@
 two emit the same nodes for the same precision (what the LUT measures is what the export runs).
 
 Encoding of hwmpq's quantizers (zero point is always 0 in torch):
-- activations at 8 bits or fewer: a layer's input codes are uint8 (unsigned, zero point 0) or int8
-  (signed). ORT fuses DQ -> Conv/Gemm -> Q into QLinearConv/QGemm only when input and output share one
-  element type, so the layer's signed output codes travel in the input's type: int8, or uint8 with
-  zero point 128 (which dequantizes to exactly the same values, ``(q - 128) * s``). Signed inputs are
-  not carried as uint8+128: on AVX2 without VNNI, ORT's u8 x s8 kernel (vpmaddubsw) saturates int16
-  pair sums for codes near 255 (measured: 92% top-1 agreement instead of 100% on a first layer);
-  int8 x int8 needs the session option ``session.qdqisint8allowed=1`` (set by targets/ort/timing.py).
-  Widths below 8 get a Clip to the narrow range before QuantizeLinear.
+- activations at 8 bits or fewer: uint8. Unsigned codes use zero point 0; signed codes
+  [-2^(b-1), 2^(b-1)-1] use zero point 128, which dequantizes to exactly the same values
+  (``(q - 128) * s``). ORT fuses DQ -> Conv/Gemm -> Q into QLinearConv/QGemm only when input and output
+  share one element type, so uint8 everywhere is what gives integer kernels (int8 x int8 also fuses with
+  ``session.qdqisint8allowed=1`` but measured ~8x slower on this AVX2 CPU). On AVX2 without VNNI the
+  fast u8 x s8 kernel (vpmaddubsw) saturates int16 pair sums for large codes (measured: 92% top-1
+  agreement on a first layer with signed input); sessions therefore set ``session.x64quantprecision=1``
+  (exact; targets/ort/timing.py). Widths below 8 get a Clip to the narrow range before QuantizeLinear.
 - activations at 16 bits: int16 (signed) or uint16 (unsigned), zero point 0.
 - weights: int8 (8 bits, and 2-7 bits stored in int8), native int4 (4 bits), int16 (16 bits); per
   output channel (axis 0), zero point 0.
@@ -26,12 +26,11 @@ OPSET = 21  # int4/int16 QuantizeLinear need opset 21
 IR_VERSION = 10  # onnx 1.23 writes IR 11+ by default; ORT 1.31 loads IR 10 with opset 21
 
 
-def act_container(bits: int, signed: bool, u8_carrier: bool = False) -> tuple[int, int, type]:
-    """(ONNX element type, zero point, numpy dtype) that carries ``bits``-wide activation codes; signed
-    8-bit codes go in int8, or in uint8 with zero point 128 when ``u8_carrier``."""
+def act_container(bits: int, signed: bool, u8_carrier: bool = True) -> tuple[int, int, type]:
+    """(ONNX element type, zero point, numpy dtype) that carries ``bits``-wide activation codes.
+    ``u8_carrier`` is kept for callers; 8-bit codes always travel as uint8 (signed: zero point 128)."""
+    del u8_carrier
     if bits <= 8:
-        if signed and u8_carrier:
-            return TensorProto.UINT8, 128, np.uint8
         return (TensorProto.UINT8, 128, np.uint8) if signed else (TensorProto.UINT8, 0, np.uint8)
     if bits == 16:
         return (TensorProto.INT16, 0, np.int16) if signed else (TensorProto.UINT16, 0, np.uint16)
