@@ -210,7 +210,7 @@ def summarise(name: str, ctx, fronts: dict, stats: dict, measured: dict, out: Pa
     pred_vs_meas = [{"method": p.method, "predicted_ms": p.latency_ms, "measured_ms": p.measured_ms,
                      "accuracy": p.accuracy} for p in all_pts if p.measured_ms is not None]
     summary = {"model": name, "target": ctx.target.id, "float_test_acc": ctx.float_acc, "hv_ref": ref,
-               "rows": rows, "measured": pred_vs_meas, "ssps_notes": stats["ssps"].get("notes"),
+               "rows": rows, "measured": pred_vs_meas, "ssps_notes": stats.get("ssps", {}).get("notes"),
                "loadavg": os.getloadavg(), "torch_threads": torch.get_num_threads()}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
     return summary
