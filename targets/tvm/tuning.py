@@ -46,11 +46,22 @@ def _runner(preset: TvmPreset, tracker: str | None, key: str | None, timeout_s: 
     return ms.runner.RPCRunner(rpc_config=cfg)
 
 
-def _builder(preset: TvmPreset):
+def build_candidate(mod, target, _params):
+    """MetaSchedule's default build minus its ``import tvm.s_tir.tensor_intrin`` (181 s on this machine,
+    paid again in every builder worker, so every candidate hit the builder timeout). No intrinsic is
+    tensorized here, so the import is not needed for these builds."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def _builder(preset: TvmPreset, timeout_s: float):
     from tvm.s_tir import meta_schedule as ms
 
     if preset.is_host:
-        return ms.builder.LocalBuilder()
+        return ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=timeout_s)
     from tvm.support import cc
 
     fcompile = cc.cross_compiler(preset.cross_compiler)
@@ -62,7 +73,7 @@ def _builder(preset: TvmPreset):
         mod.export_library(path, fcompile=fcompile)
         return path
 
-    return ms.builder.LocalBuilder(f_export=export)
+    return ms.builder.LocalBuilder(f_build=build_candidate, f_export=export, timeout_sec=timeout_s)
 
 
 def tune(mod, target, preset: TvmPreset, work_dir: str | os.PathLike, trials: int, *,
@@ -78,7 +89,7 @@ def tune(mod, target, preset: TvmPreset, work_dir: str | os.PathLike, trials: in
     d = database_dir(work_dir, preset)
     ms.relax_integration.tune_relax(
         prepare_for_tuning(mod), {}, target, work_dir=str(d / "logs"), max_trials_global=trials,
-        num_trials_per_iter=min(trials, 8), builder=_builder(preset), runner=runner, database=db,
+        num_trials_per_iter=min(trials, 8), builder=_builder(preset, timeout_s), runner=runner, database=db,
         cost_model="random", seed=0)
 
 
