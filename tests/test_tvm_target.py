@@ -84,8 +84,8 @@ def _inputs(work_dir: str) -> str:
 
 def test_precision_the_target_cannot_run_is_a_build_result(work_dir):
     target = TvmTarget("host", work_dir=work_dir)
-    res = target.build_layer(CONV, Precision(3, 3))
-    assert res.artifact is None and "cannot run w3a3" in res.error_msg
+    res = target.build_layer(CONV, Precision(5, 5))
+    assert res.artifact is None and "cannot run w5a5" in res.error_msg
     dw = LayerSpec("dw", "dwconv", 8, 8, (3, 3), padding=(1, 1), groups=8, in_hw=(6, 6), out_hw=(6, 6))
     assert "cannot run w2a2" in target.build_layer(dw, Precision(2, 2)).error_msg
     rgb = LayerSpec("stem", "conv", 3, 8, (3, 3), padding=(1, 1), in_hw=(6, 6), out_hw=(6, 6))
