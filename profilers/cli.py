@@ -29,11 +29,10 @@ def load_model_and_graph(model: str, input_shape: str | None, weights: str | Non
             raise ModelLoadError(f"--model {model!r} is not a zoo model: give --input-shape N,C,H,W")
     net = load_model(model, in_chans=shape[1], weights=weights)
     x = torch.zeros(shape)
-    specs, edges = analyse(net, x)
-    try:  # the LUT model also prices edges across residual adds and concats: measure those too
-        from hwmpq.lut.model import edges_through_merges
-    except ImportError:
-        return net, x, specs, edges
+    from hwmpq.lut.model import edges_through_merges
+
+    specs, _ = analyse(net, x)
+    # the LUT model also prices edges across residual adds and concats: measure those too
     return net, x, specs, edges_through_merges(net, x)
 
 
@@ -89,7 +88,10 @@ def profile_command(
         raise typer.Exit(2) from None
     with store:
         try:
-            report = profile(specs, edges, tgt, store, config, progress=not quiet, transitions=transitions,
+            from hwmpq.lut.model import profiling_specs
+
+            # transition stand-in layers (one per edge shape) are measured like layers: build_table needs them
+            report = profile(profiling_specs(specs, edges, tgt), edges, tgt, store, config, progress=not quiet, transitions=transitions,
                              retry_failed=retry_failed, max_run_failures=max_run_failures, console=console)
         finally:
             cleanup = getattr(tgt, "cleanup", None)  # built artifacts of a backend (temp files)
