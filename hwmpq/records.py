@@ -160,6 +160,11 @@ class MeasureConfig:
     _version = 1
 
     def __post_init__(self) -> None:
+        # 60 and 60.0 are one protocol: normalise numeric types so the key (and the LUT lookup) agree
+        for name in ("warmup", "number", "repeat", "threads"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("min_repeat_ms", "timeout_s"):
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.warmup < 0 or self.number < 1 or self.repeat < 1 or self.threads < 1:
             raise RecordError(f"MeasureConfig needs warmup>=0, number>=1, repeat>=1, threads>=1: {self}")
         if self.statistic != "median":

@@ -7,9 +7,15 @@ from typing import Annotated
 import typer
 
 
-def _target_options(threads, rpc, tracker, key, tune_trials) -> dict:
-    """Keyword options for get_target: only those the user gave (each target has its own defaults)."""
-    opts = {"threads": threads, "rpc": rpc, "tracker": tracker, "key": key, "tune_trials": tune_trials}
+def _target_options(target, lut, threads, rpc, tracker, key, tune_trials, emulated) -> dict:
+    """Keyword options for get_target: only those the user gave (each target has its own defaults).
+    TVM keeps its tuning database and built layers beside the LUT, so export can reuse them."""
+    opts = {"threads": threads, "rpc": rpc, "tracker": tracker, "key": key, "tune_trials": tune_trials,
+            "emulated": emulated}
+    if target.startswith("tvm:"):
+        from pathlib import Path
+
+        opts["work_dir"] = str(Path(lut).resolve().parent / (Path(lut).stem + ".tvm"))
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -47,6 +53,8 @@ def profile_command(
     tracker: Annotated[str | None, typer.Option(help="HOST:PORT of a TVM RPC tracker (with --key)")] = None,
     key: Annotated[str | None, typer.Option(help="device key at the tracker")] = None,
     tune_trials: Annotated[int | None, typer.Option(help="MetaSchedule trials per layer (TVM)")] = None,
+    emulated: Annotated[bool | None, typer.Option("--emulated/--not-emulated",
+                                                  help="mark the device as emulated (qemu); TVM guesses if unset")] = None,
     warmup: Annotated[int, typer.Option(help="untimed runs before timing")] = 30,
     repeat: Annotated[int, typer.Option(help="timed repeats (the median is quoted)")] = 100,
     number: Annotated[int, typer.Option(help="runs averaged inside one repeat")] = 1,
@@ -75,7 +83,7 @@ def profile_command(
     console = Console(stderr=True, soft_wrap=True)
     try:
         _, _, specs, edges = load_model_and_graph(model, input_shape, weights)
-        tgt = get_target(target, **_target_options(threads, rpc, tracker, key, tune_trials))
+        tgt = get_target(target, **_target_options(target, lut, threads, rpc, tracker, key, tune_trials, emulated))
         config = MeasureConfig(warmup=warmup, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
                                threads=threads or int(getattr(tgt, "threads", 1) or 1), timeout_s=timeout_s)
         with warnings.catch_warnings(record=True) as caught:
