@@ -18,6 +18,9 @@ class FakeTarget:
     id = "fake"
     precisions = TargetPrecisions(conv=_PRECISIONS, dwconv=_PRECISIONS, linear=_PRECISIONS)
 
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads  # accepted like a real target's; the fake latency does not depend on it
+
     def device(self) -> DeviceInfo:
         return DeviceInfo(fingerprint="fake-device-0", details={"kind": "fake"})
 

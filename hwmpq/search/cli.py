@@ -10,7 +10,7 @@ Opt = typer.Option
 
 
 def search_command(
-    method: Annotated[str, Opt(help="dnas | ssps | uniform")] = "ssps",
+    method: Annotated[str, Opt(help="dnas | ssps | saq | nemo | ilp | uniform")] = "ssps",
     model: Annotated[str, Opt(help="zoo name or path/to/file.py:factory")] = "resnet20",
     data: Annotated[str, Opt(help="fashion-mnist | digits")] = "fashion-mnist",
     target: Annotated[str, Opt(help="ort-x86 | tvm:PRESET | fake")] = "ort-x86",
@@ -25,7 +25,7 @@ def search_command(
     weights: Annotated[str | None, Opt(help="trained float weights")] = None,
     pretrain_epochs: Annotated[int, Opt(help="train the float model first when no --weights")] = 0,
     data_limit: Annotated[int | None, Opt(help="keep this many training images (fashion-mnist)")] = None,
-    epochs: Annotated[int, Opt(help="search epochs")] = 4,
+    epochs: Annotated[int, Opt(help="search epochs (nemo: generations)")] = 4,
     warmup_epochs: Annotated[int, Opt(help="weight-only epochs before architecture steps")] = 1,
     limit_batches: Annotated[int | None, Opt(help="train batches per search epoch")] = None,
     search_batch_size: Annotated[int, Opt(help="search batch size")] = 64,
@@ -49,6 +49,7 @@ def search_command(
     repeat: Annotated[int, Opt(help="MeasureConfig repeat (as the LUT was profiled)")] = 100,
     threads: Annotated[int, Opt(help="target threads")] = 1,
     baseline: Annotated[list[str] | None, Opt(help="also run uniform baselines (repeatable: --baseline 8)")] = None,
+    ray: Annotated[str | None, Opt(help="nemo/ilp: Ray address (local, auto, ray://...) for evaluations")] = None,
     seed: int = 0,
     quiet: Annotated[bool, Opt(help="no progress bars")] = False,
 ) -> None:
@@ -72,7 +73,7 @@ def search_command(
                      candidates=tuple(c for c in (candidates or "").split(",") if c),
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
                      finetune_limit_batches=finetune_limit_batches, qat=qat, out=out, export_dir=export,
-                     baselines=tuple(baseline or ()), seed=seed, progress=not quiet)
+                     baselines=tuple(baseline or ()), ray=ray, seed=seed, progress=not quiet)
     _run(run_loop, cfg)
 
 

@@ -24,7 +24,8 @@ from .base import Budget, SearchInputs, SearchResult, check_channels, run_search
 
 @dataclass
 class LoopConfig:
-    method: str = "ssps"  # dnas | ssps | uniform
+    method: str = "ssps"  # dnas | ssps | saq | nemo | ilp | uniform
+    ray: str | None = None  # nemo/ilp: Ray address for candidate evaluations (None: local process pool)
     model: str = "resnet20"
     data: str = "fashion-mnist"
     data_limit: int | None = None  # train images kept (val/test shrink with it); None: all
@@ -180,7 +181,20 @@ def method_config(cfg: LoopConfig, method: str, bits: str | None = None):
         return DNASConfig(**fields)
     if method == "ssps":
         return SSPSConfig(**fields)
-    raise ValueError(f"--method {method!r}: use dnas, ssps or uniform")
+    if method == "saq":
+        from .saq import SAQConfig
+
+        return SAQConfig.from_options(fields)
+    if method in ("nemo", "ilp"):
+        from .ilp import ILPConfig
+        from .nemo import NEMOConfig
+
+        front_dir = str(Path(cfg.out).with_suffix("")) + f"_{method}_front"
+        extra = {"out_dir": front_dir, "ray_address": cfg.ray}
+        if method == "nemo":
+            return NEMOConfig(generations=cfg.search.get("epochs", 8), **extra)
+        return ILPConfig(**extra)
+    raise ValueError(f"--method {method!r}: use dnas, ssps, saq, nemo, ilp or uniform")
 
 
 def _fit_hooks(cfg: LoopConfig, model: nn.Module) -> dict:
