@@ -30,7 +30,10 @@ def test_parse_relative_and_absolute():
     assert parse_budget(T, budget_ms=4.0).latency_ms == 4.0
     b = parse_budget(T, budget_mj=0.3)
     assert b.energy_mj == 0.3 and b.latency_ms is None
-    for bad in ("fast", "-0.5x", "0x"):
+    # fastest plan: 0.5 + 0.5 + 1.0 + 1 ms constant = 3.0 ms; halfway to fp32's 7.0 ms is 5.0 ms
+    assert parse_budget(T, "0.5range").latency_ms == pytest.approx(5.0)
+    assert parse_budget(T, "0range").latency_ms == pytest.approx(3.0)
+    for bad in ("fast", "-0.5x", "0x", "1.5range", "xrange"):
         with pytest.raises(BudgetError):
             parse_budget(T, bad)
     with pytest.raises(BudgetError, match="either"):

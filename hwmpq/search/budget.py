@@ -31,12 +31,20 @@ def float_latency_ms(table: LatencyTable) -> tuple[float, float]:
 
 def parse_budget(table: LatencyTable, budget: str | None = None, budget_ms: float | None = None,
                  budget_mj: float | None = None) -> Budget:
-    """``budget`` is ``0.6x`` (fraction of the fp32 plan's LUT latency) or plain ms (``2.5``/``2.5ms``)."""
+    """``budget`` is ``0.6x`` (fraction of the fp32 plan's LUT latency), ``0.5range`` (that far from the
+    fastest plan the LUT knows towards the fp32 plan: works on any device, whatever its int8 speed-up),
+    or plain ms (``2.5``/``2.5ms``)."""
     lat = budget_ms
     if budget is not None:
         text = budget.strip().lower()
         try:
-            if text.endswith("x"):
+            if text.endswith("range"):
+                frac = float(text[: -len("range")])
+                if not 0 <= frac <= 1:
+                    raise BudgetError(f"--budget {budget!r}: the range fraction must be in [0, 1]")
+                fastest = table.predict_indices(cheapest_plan(table))[0]
+                lat = fastest + frac * max(0.0, float_latency_ms(table)[0] - fastest)
+            elif text.endswith("x"):
                 frac = float(text[:-1])
                 if not frac > 0:
                     raise BudgetError(f"--budget {budget!r}: the fraction must be positive")
@@ -44,7 +52,8 @@ def parse_budget(table: LatencyTable, budget: str | None = None, budget_ms: floa
             else:
                 lat = float(text.removesuffix("ms"))
         except ValueError:
-            raise BudgetError(f"--budget {budget!r}: expected e.g. 0.6x (of the fp32 latency) or 2.5ms") from None
+            raise BudgetError(f"--budget {budget!r}: expected e.g. 0.6x (of the fp32 latency), 0.5range "
+                              "(between the fastest plan and fp32) or 2.5ms") from None
         if budget_ms is not None:
             raise BudgetError("give either --budget or --budget-ms, not both")
     return Budget(latency_ms=lat, energy_mj=budget_mj)

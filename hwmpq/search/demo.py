@@ -33,7 +33,7 @@ class DemoConfig:
     workdir: str
 
     @classmethod
-    def make(cls, *, full: bool = False, workdir: str = "runs/demo", method: str = "ssps", budget: str = "0.7x",
+    def make(cls, *, full: bool = False, workdir: str = "runs/demo", method: str = "ssps", budget: str = "0.5range",
              train_images: int | None = None, pretrain_epochs: int | None = None, search_epochs: int | None = None,
              finetune_epochs: int | None = None, repeat: int | None = None, weights: str | None = None,
              seed: int = 0, progress: bool = True) -> DemoConfig:
