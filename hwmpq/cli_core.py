@@ -150,7 +150,7 @@ def train(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
           out: Path = typer.Option(..., "--out", help="checkpoint, rewritten atomically after every epoch; "
                                    "a summary goes to the same name with .json"),
           resume: bool = typer.Option(False, "--resume", help="continue from --out if it exists"),
-          lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default 0.05, QAT 0.01)"),  # noqa: UP045
+          lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default 0.05, QAT 0.001: 0.01 wrecks LSQ step sizes once BN is folded)"),  # noqa: UP045
           batch_size: int = typer.Option(128, "--batch-size"),
           seed: int = typer.Option(0, "--seed"),
           limit: Optional[int] = typer.Option(None, "--limit", help="use only N training/test images"),  # noqa: UP045
@@ -171,7 +171,7 @@ def train(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     if (sam or stat_assist or grad_boost) and not qat:
         _fail("--sam/--stat-assist/--grad-boost apply to QAT: add --qat --plan plan.json")
     try:
-        summary = _train(args, lr if lr is not None else (0.01 if qat else 0.05))
+        summary = _train(args, lr if lr is not None else (0.001 if qat else 0.05))
     except _user_errors() as e:
         _fail(str(e))
     except KeyboardInterrupt:
