@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -97,8 +98,13 @@ def export_command(
     data: Annotated[str | None, typer.Option(help="fashion-mnist|digits: calibrate a float checkpoint")] = None,
     threads: Annotated[int, typer.Option(help="intra-op threads of the optimized model")] = 1,
     lut: Annotated[str | None, typer.Option(help="LUT of this device: puts the predicted latency in the manifest")] = None,
+    rpc: Annotated[str | None, typer.Option(help="tvm: HOST:PORT of the board's RPC server (verification run)")] = None,
+    tracker: Annotated[str | None, typer.Option(help="tvm: HOST:PORT of an RPC tracker (with --key)")] = None,
+    key: Annotated[str | None, typer.Option(help="tvm: device key at the tracker")] = None,
 ) -> None:
-    """Write model.onnx (QDQ with the trained scales), model.opt.onnx and manifest.json into OUT."""
+    """Write the deployable artifact into OUT with manifest.json: for ort-x86 model.onnx (QDQ with the
+    trained scales) and model.opt.onnx; for tvm:PRESET model.so (cross-compiled for the board), verified
+    over --rpc/--tracker against the torch fake-quant model."""
     import warnings
 
     from hwmpq.targets import get_target
@@ -107,7 +113,10 @@ def export_command(
 
     try:
         bit_plan = load_plan(plan)
-        tgt = get_target(target, threads=threads)
+        remote = {k: v for k, v in {"rpc": rpc, "tracker": tracker, "key": key}.items() if v is not None}
+        if remote and not target.startswith("tvm:"):
+            raise ValueError("--rpc/--tracker/--key are for tvm:PRESET targets")
+        tgt = get_target(target, threads=threads, **remote)
         if not hasattr(tgt, "export"):
             raise ValueError(f"target {target!r} has no exporter")
         with warnings.catch_warnings():
@@ -124,7 +133,8 @@ def export_command(
     for w in caught:
         if "did not turn" in str(w.message):
             typer.echo(f"warning: {w.message}", err=True)
-    typer.echo(f"wrote {result.artifact}, {out}/model.opt.onnx, {result.manifest}")
+    extra_files = ", ".join(str(p) for p in sorted(Path(out).glob("*.opt.onnx")))
+    typer.echo(f"wrote {result.artifact}, {extra_files + ', ' if extra_files else ''}{result.manifest}")
     if "predicted_latency_ms" in extra:
         typer.echo(f"predicted latency (LUT {lut}): {extra['predicted_latency_ms']:.3f} ms")
     typer.echo(f"integer kernels ({len(result.integer_layers)}): {', '.join(result.integer_layers) or '-'}")
