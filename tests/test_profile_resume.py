@@ -92,13 +92,15 @@ def test_sigkill_mid_profile_loses_nothing(tmp_path):
     assert all(v[0] is not None for v in final.values()), [v for v in final.values() if v[0] is None]
 
     # the table is complete: every job the profiler plans for this model is in it
+    from hwmpq.lut.model import profiling_specs
     from hwmpq.lut.store import LutStore
     from hwmpq.profilers.cli import load_model_and_graph
     from hwmpq.profilers.jobs import plan_jobs
     from hwmpq.targets import get_target
 
     _, _, specs, edges = load_model_and_graph("test_small", None, None)
-    jobs = plan_jobs(specs, edges, get_target("ort-x86"))
+    target = get_target("ort-x86")
+    jobs = plan_jobs(profiling_specs(specs, edges, target), edges, target)  # what `hwmpq profile` measures
     with LutStore.read(lut) as store:
         config = store.measurements()[0].config
         assert all(store.get(j.kind, j.signature, j.precision, config, j.src_precision) for j in jobs)
