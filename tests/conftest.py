@@ -10,6 +10,15 @@ import torch
 from hwmpq.data import Splits, load_digits
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models step far faster on one torch thread (and a second thread fights other processes)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def digits() -> Splits:
     """sklearn digits, 1x8x8, 60/20/20 split with seed 0 (do not mutate)."""

@@ -14,13 +14,7 @@ from hwmpq.records import BitPlan, Precision
 from hwmpq.zoo import create_model, list_models
 from hwmpq.zoo.frostnet import FrostBottleneck
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_frost_bottleneck_shapes_and_residual():

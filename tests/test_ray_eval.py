@@ -13,12 +13,7 @@ from hwmpq.search.evaluate_pool import EvalContext, Evaluator, ProxyConfig, eval
 JOBS = [(0, 0, 0, 0, 0), (1, 1, 1, 1, 1), (4, 4, 4, 4, 4), (1, 3, 0, 2, 1)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwmpq.data import load_digits
 from hwmpq.qmodules import QuantLayer, calibrate, quantize_
 from hwmpq.records import FP32, BitPlan, Precision
 from hwmpq.sam import SAMConfigError, SAMStep, sharpness
@@ -18,18 +17,9 @@ from hwmpq.zoo import create_model
 RHO, LR = 0.5, 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two cores shared by many processes: torch's second thread makes tiny steps ~50x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(seed=0)
 
 
 def _batch(splits, n=64):

@@ -15,12 +15,7 @@ from hwmpq.search.saq import PlanGenerator, SAQConfig, generator_update, sample_
 CANDS = (FP32, Precision(8, 8), Precision(4, 4))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hand_table() -> LatencyTable:

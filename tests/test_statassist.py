@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from hwmpq.data import load_digits
 from hwmpq.frost import float_warmup
 from hwmpq.qat_options import QATOptions, run_qat, stat_assist
 from hwmpq.qmodules import QuantLayer, fold_batchnorm, quantize_
@@ -19,17 +18,9 @@ from hwmpq.zoo import create_model
 QUIET = {"progress": False, "log": lambda *a: None}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(seed=0)
 
 
 def _model():
