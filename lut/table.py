@@ -60,7 +60,7 @@ class LatencyTable:
         return out
 
     def plan_from_indices(self, idx, **kw) -> BitPlan:
-        return BitPlan(tuple((f, self.candidates[int(i)]) for f, i in zip(self.fqns, idx)), **kw)
+        return BitPlan(tuple((f, self.candidates[int(i)]) for f, i in zip(self.fqns, idx, strict=True)), **kw)
 
     def predict_indices(self, idx) -> tuple[float, float]:
         """(latency_ms, energy_mj) of the plan choosing candidate ``idx[l]`` for layer l."""
