@@ -112,9 +112,11 @@ def bench_model(name: str, target: OrtTarget, config: MeasureConfig, lut_dir: Pa
     return rows
 
 
-def agreement(out: Path, n_test: int = 1000, train_limit: int = 12000, epochs: int = 1, qat_epochs: int = 1) -> dict:
-    """resnet20 on Fashion-MNIST: short float training, w8a8 quantize_ + calibration (+ ``qat_epochs`` of
-    QAT), export, top-1 agreement and max logit difference on ``n_test`` test images."""
+def agreement(out: Path, n_test: int = 1000, train_limit: int = 12000, epochs: int = 1, qat_epochs: int = 1,
+              weights: str | None = None) -> dict:
+    """resnet20 on Fashion-MNIST: short float training (or trained float ``weights``), w8a8 quantize_ +
+    calibration (+ ``qat_epochs`` of QAT), export, top-1 agreement and max logit difference on ``n_test``
+    test images."""
     from hwmpq.targets.ort.timing import make_session
 
     from hwmpq.data import load_fashion_mnist
@@ -123,13 +125,19 @@ def agreement(out: Path, n_test: int = 1000, train_limit: int = 12000, epochs: i
 
     splits = load_fashion_mnist(limit=train_limit)
     model = create_model("resnet20", in_chans=1)
-    fit(model, splits, epochs=epochs, lr=0.05, progress=False)
+    if weights:
+        from hwmpq.modelspec import load_weights
+
+        load_weights(model, weights)
+        epochs = 0
+    else:
+        fit(model, splits, epochs=epochs, lr=0.05, progress=False)
     specs, _ = analyse(model.eval(), torch.zeros(1, 1, 28, 28))
     plan = BitPlan.uniform([s.fqn for s in specs], Precision(8, 8))
     q = quantize_(copy.deepcopy(model), plan)
     calibrate(q, [calibration_batch(splits, 2)])
     if qat_epochs:
-        fit(q, splits, epochs=qat_epochs, lr=0.005, progress=False)  # QAT: scales trained, exported as is
+        fit(q, splits, epochs=qat_epochs, lr=0.001, progress=False)  # QAT: scales trained, exported as is
     q.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -141,7 +149,7 @@ def agreement(out: Path, n_test: int = 1000, train_limit: int = 12000, epochs: i
     sess = make_session(res.artifact, 1)
     got = np.concatenate([sess.run(None, {"input": xt[i:i + 1].numpy()})[0] for i in range(len(xt))])
     report = {"model": "resnet20", "data": "fashion-mnist", "n_test": int(len(xt)), "plan": "w8a8 uniform",
-              "train_images": train_limit, "float_epochs": epochs, "qat_epochs": qat_epochs,
+              "train_images": train_limit, "float_epochs": epochs, "weights": weights, "qat_epochs": qat_epochs,
               "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
               "max_logit_diff": float(np.abs(ref - got).max()), "max_abs_logit": float(np.abs(ref).max()),
               "torch_acc": float((ref.argmax(1) == yt.numpy()).mean()), "ort_acc": float((got.argmax(1) == yt.numpy()).mean()),
@@ -175,11 +183,12 @@ def main() -> None:
     ap.add_argument("--validate", type=int, default=0, help="validate the LUTs in --out with N random plans per model")
     ap.add_argument("--train-limit", type=int, default=12000, help="agreement: training images")
     ap.add_argument("--qat-epochs", type=int, default=1, help="agreement: QAT epochs after calibration")
+    ap.add_argument("--weights", default=None, help="agreement: trained float resnet20 weights (skip float training)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.agreement:
-        print(json.dumps(agreement(out, train_limit=args.train_limit, qat_epochs=args.qat_epochs), indent=1))
+        print(json.dumps(agreement(out, train_limit=args.train_limit, qat_epochs=args.qat_epochs, weights=args.weights), indent=1))
         return
     target = OrtTarget(threads=args.threads)
     config = MeasureConfig(warmup=args.warmup, repeat=args.repeat, threads=args.threads)
