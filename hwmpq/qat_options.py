@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .records import BitPlan, register_record
+from .records import BitPlan
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,6 @@ class QATOptions:
         return "+".join(parts) or "plain"
 
 
-register_record(QATOptions)
 
 
 def fit_hooks(options: QATOptions, model: nn.Module | None = None) -> dict[str, Any]:

@@ -285,11 +285,21 @@ _REGISTRY: dict[str, type] = {
 }
 
 
-def register_record(cls: type) -> type:
-    """Allow-list another frozen dataclass for :func:`from_json` (call explicitly, not at import of
-    unrelated modules)."""
-    _REGISTRY[cls.__name__] = cls
-    return cls
+# records defined beside the code that owns them: the allow-list names them here, in one place, and their
+# module is imported only when such a record is read (never a name taken from the file itself)
+_ELSEWHERE: dict[str, str] = {
+    "QATOptions": "hwmpq.qat_options",
+    "TrainResult": "hwmpq.train",
+    "SAQConfig": "hwmpq.search.saq",
+}
+
+
+def _record_class(name: str) -> type | None:
+    if name not in _REGISTRY and name in _ELSEWHERE:
+        import importlib
+
+        _REGISTRY[name] = getattr(importlib.import_module(_ELSEWHERE[name]), name)
+    return _REGISTRY.get(name)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -306,9 +316,9 @@ def to_jsonable(obj: Any) -> Any:
 def from_jsonable(obj: Any, where: str = "$") -> Any:
     if isinstance(obj, dict) and "_type" in obj:
         name = obj.get("_type")
-        cls = _REGISTRY.get(name)
+        cls = _record_class(name) if isinstance(name, str) else None
         if cls is None:
-            raise RecordError(f"{where}: unknown record type {name!r}; known: {sorted(_REGISTRY)}")
+            raise RecordError(f"{where}: unknown record type {name!r}; known: {sorted({*_REGISTRY, *_ELSEWHERE})}")
         version = obj.get("_version")
         if version != getattr(cls, "_version", 1):
             raise RecordError(f"{where}: {name} version {version!r} is not supported (expected {cls._version})")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .records import BitPlan, register_record
+from .records import BitPlan
 
 CHECKPOINT_FORMAT = "hwmpq-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -62,7 +62,6 @@ class TrainResult:
     _version = 1
 
 
-register_record(TrainResult)
 
 
 @torch.no_grad()

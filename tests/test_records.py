@@ -175,3 +175,12 @@ def test_measure_config_rejects_bad_protocol():
 def test_layerspec_rejects_unknown_kind():
     with pytest.raises(RecordError, match="kind 'lstm' is not one of"):
         LayerSpec("x", "lstm", 1, 1)
+
+
+def test_records_defined_elsewhere_round_trip_through_the_one_allow_list():
+    from hwmpq.qat_options import QATOptions
+    from hwmpq.records import from_json, to_json
+    from hwmpq.search.saq import SAQConfig
+
+    for rec in (QATOptions(sam=True, rho=0.1), SAQConfig()):
+        assert from_json(to_json(rec)) == rec

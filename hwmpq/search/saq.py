@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwmpq.lut.table import LatencyTable
-from hwmpq.records import register_record
 from hwmpq.sam import SAMStep, sharpness
 
 from .base import Budget, SearchInputs, SearchResult, register_strategy
@@ -80,7 +79,6 @@ class SAQConfig:
         return cls(**fields)
 
 
-register_record(SAQConfig)
 
 
 class PlanGenerator(nn.Module):
