@@ -90,20 +90,28 @@ class LatencyTable:
         masked = np.where(self.allowed, cost, np.inf if fastest else -np.inf)
         return list((masked.argmin(axis=1) if fastest else masked.argmax(axis=1)).astype(int))
 
-    def min_latency_ms(self) -> float:
-        """Smallest reachable latency (exact with transitions by dynamic programming over a chain is not
-        general; this minimises layer costs and then evaluates transitions for that plan, plus a greedy
-        pass to lower it)."""
-        idx = self.extreme_indices(fastest=True)
-        best = self.predict_indices(idx)[0]
+    def cheapest_indices(self, fixed: dict[int, int] | None = None, energy: bool = False) -> list[int]:
+        """The cheapest plan the table knows (latency, or energy), layers in ``fixed`` (layer -> candidate)
+        held: per-layer argmin, then coordinate descent on the full prediction, transitions included.
+        Exact without transitions; with them an upper bound on the true minimum (exact on the tables tested)."""
+        fixed = dict(fixed or {})
+        idx = [int(i) for i in self.extreme_indices(fastest=True, energy=energy)]
+        for layer, p in fixed.items():
+            idx[layer] = int(p)
+        pos = 1 if energy else 0
+        best = self.predict_indices(idx)[pos]
         improved = True
         while improved:
             improved = False
-            for layer in range(len(self.fqns)):
+            for layer in (k for k in range(len(self.fqns)) if k not in fixed):
                 for p in np.flatnonzero(self.allowed[layer]):
                     trial = list(idx)
                     trial[layer] = int(p)
-                    lat = self.predict_indices(trial)[0]
-                    if lat < best - 1e-12:
-                        best, idx, improved = lat, trial, True
-        return best
+                    cost = self.predict_indices(trial)[pos]
+                    if cost < best - 1e-12:
+                        best, idx, improved = cost, trial, True
+        return idx
+
+    def min_latency_ms(self) -> float:
+        """Smallest reachable latency (see :meth:`cheapest_indices`)."""
+        return self.predict_indices(self.cheapest_indices())[0]

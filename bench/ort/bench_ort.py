@@ -51,23 +51,6 @@ def ort_quantize_static(float_onnx: str, out_path: str, x: torch.Tensor) -> str:
     return out_path
 
 
-def fastest_indices(table) -> list[int]:
-    """Per-layer argmin, then coordinate descent on the full prediction (transitions included)."""
-    idx = table.extreme_indices(fastest=True)
-    best = table.predict_indices(idx)[0]
-    improved = True
-    while improved:
-        improved = False
-        for layer in range(len(table.fqns)):
-            for p in np.flatnonzero(table.allowed[layer]):
-                trial = list(idx)
-                trial[layer] = int(p)
-                lat = table.predict_indices(trial)[0]
-                if lat < best - 1e-9:
-                    best, idx, improved = lat, trial, True
-    return idx
-
-
 def measure_rounds(target: OrtTarget, paths: dict[str, str], config: MeasureConfig, rounds: int = 3) -> dict:
     per = MeasureConfig(warmup=config.warmup, repeat=max(1, config.repeat // rounds), threads=config.threads)
     samples: dict[str, list[float]] = {k: [] for k in paths}
@@ -95,7 +78,7 @@ def bench_model(name: str, target: OrtTarget, config: MeasureConfig, lut_dir: Pa
     table = build_table(store, specs, edges, config, target)
     store.close()
     fqns = [s.fqn for s in specs]
-    fastest = table.plan_from_indices(fastest_indices(table), notes="LUT fastest (layers + transitions)")
+    fastest = table.plan_from_indices(table.cheapest_indices(), notes="LUT fastest (layers + transitions)")
     plans = {"float32": BitPlan.uniform(fqns, FP32), "lut_fastest": fastest}
     paths = {k: export_plan(target, model, p, x, str(work / f"{name}_{k}")).artifact for k, p in plans.items()}
     paths["ort_int8_static"] = ort_quantize_static(paths["float32"], str(work / f"{name}_ort_int8.onnx"), x)

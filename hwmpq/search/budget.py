@@ -59,35 +59,12 @@ def parse_budget(table: LatencyTable, budget: str | None = None, budget_ms: floa
     return Budget(latency_ms=lat, energy_mj=budget_mj)
 
 
-def _coord_descent(table: LatencyTable, idx: list[int], fixed: Mapping[int, int], energy: bool) -> list[int]:
-    """Lower the plan cost one layer at a time until no single change helps (transitions included)."""
-    pos = 1 if energy else 0
-    best = table.predict_indices(idx)[pos]
-    improved = True
-    while improved:
-        improved = False
-        for layer in range(len(table.fqns)):
-            if layer in fixed:
-                continue
-            for p in np.flatnonzero(table.allowed[layer]):
-                trial = list(idx)
-                trial[layer] = int(p)
-                cost = table.predict_indices(trial)[pos]
-                if cost < best - 1e-12:
-                    best, idx, improved = cost, trial, True
-    return idx
-
-
 def cheapest_plan(table: LatencyTable, fixed: Mapping[int, int] | None = None, energy: bool = False) -> list[int]:
     """The cheapest plan the LUT knows, with layers in ``fixed`` (layer -> candidate) held.
 
     Exact without transitions (per-layer argmin); with transitions, per-layer argmin followed by coordinate
     descent (exact on the tables tested; in general an upper bound on the true minimum)."""
-    fixed = dict(fixed or {})
-    idx = table.extreme_indices(fastest=True, energy=energy)
-    for layer, p in fixed.items():
-        idx[layer] = int(p)
-    return _coord_descent(table, [int(i) for i in idx], fixed, energy)
+    return table.cheapest_indices(dict(fixed or {}), energy=energy)
 
 
 def within(table: LatencyTable, idx: Sequence[int], budget: Budget) -> bool:
