@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Annotated
 
 import typer
@@ -20,6 +22,20 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
     Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {message}")
     return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _user_errors_and_warnings():
+    """A ValueError ends the command with its message (exit 2); warnings raised inside are printed after."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except ValueError as e:
+            raise _fail(str(e)) from None
+    console = _console()
+    for w in caught:
+        console.print(f"[yellow]warning:[/] {w.message}")
 
 
 def _header(store, df) -> str:
@@ -177,21 +193,11 @@ def import_command(
     force: Annotated[bool, typer.Option(help="take rows of another device/target/schema knowingly")] = False,
 ) -> None:
     """Add an exported LUT's rows to a LUT (refusing another device's rows unless --force)."""
-    import warnings
-
     from .io import import_lut
 
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with _store_for_import(into, file, force) as store:
-                rep = import_lut(file, store, force=force)
-    except ValueError as e:
-        raise _fail(str(e)) from None
-    console = _console()
-    for w in caught:
-        console.print(f"[yellow]warning:[/] {w.message}")
-    console.print(f"{file} -> {into}: {rep.added} added, {rep.replaced} replaced, {rep.kept} kept as they were")
+    with _user_errors_and_warnings(), _store_for_import(into, file, force) as store:
+        rep = import_lut(file, store, force=force)
+    _console().print(f"{file} -> {into}: {rep.added} added, {rep.replaced} replaced, {rep.kept} kept as they were")
 
 
 @lut_app.command("merge")
@@ -202,24 +208,14 @@ def merge_command(
     force: Annotated[bool, typer.Option(help="merge a LUT of another device/target/schema knowingly")] = False,
 ) -> None:
     """Merge two LUTs into a new file; for a key both hold, an ok row beats a failed one, else the newer wins."""
-    import warnings
-
     from .io import copy_lut, merge
     from .store import LutStore
 
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with LutStore.read(a) as sa, LutStore.read(b) as sb:
-                copy_lut(sa, out)
-                with LutStore.read(out) as so:
-                    rep = merge(so, sb, force=force)
-    except ValueError as e:
-        raise _fail(str(e)) from None
-    console = _console()
-    for w in caught:
-        console.print(f"[yellow]warning:[/] {w.message}")
-    console.print(f"{out}: {a} + {b}: {rep.added} added, {rep.replaced} replaced, {rep.kept} kept")
+    with _user_errors_and_warnings(), LutStore.read(a) as sa, LutStore.read(b) as sb:
+        copy_lut(sa, out)
+        with LutStore.read(out) as so:
+            rep = merge(so, sb, force=force)
+    _console().print(f"{out}: {a} + {b}: {rep.added} added, {rep.replaced} replaced, {rep.kept} kept")
 
 
 @lut_app.command("validate")
