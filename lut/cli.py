@@ -229,6 +229,7 @@ def validate_command(
     seed: Annotated[int, typer.Option(help="seed of the random plans")] = 0,
     warmup: Annotated[int | None, typer.Option(help="default: the LUT's measurement protocol")] = None,
     repeat: Annotated[int | None, typer.Option(help="default: the LUT's measurement protocol")] = None,
+    statistic: Annotated[str, typer.Option(help="latency quoted for layers and whole models: p10 or median")] = "p10",
     force: Annotated[bool, typer.Option(help="use a LUT of another device knowingly")] = False,
 ) -> None:
     """Measure real end-to-end latency of random plans and report the LUT's prediction error."""
@@ -242,18 +243,18 @@ def validate_command(
     try:
         with LutStore.read(lut) as peek:
             target_id = peek.target
-            lut_config = _main_config(peek, threads)
+            lut_config = dataclasses.replace(_main_config(peek, threads), statistic=statistic)
         target = get_target(target_id, threads=threads)
         net, x, _, _ = _load(model, input_shape)
         store = LutStore.open(lut, target=target.id, device=target.device(), force=force)
     except ValueError as e:
         raise _fail(str(e)) from None
-    config = dataclasses.replace(lut_config, **{k: v for k, v in (("warmup", warmup), ("repeat", repeat))
-                                                if v is not None})
+    measure = dataclasses.replace(lut_config, **{k: v for k, v in (("warmup", warmup), ("repeat", repeat))
+                                                 if v is not None})
     with store:
         try:
-            report = validate(store, net, x, plans, config, seed, json_out, target=target, model_name=model,
-                              allow_foreign=force)
+            report = validate(store, net, x, plans, lut_config, seed, json_out, target=target, model_name=model,
+                              allow_foreign=force, measure_config=measure)
         except (ValueError, LookupError) as e:  # foreign or incomplete LUT, bad model
             raise _fail(str(e)) from None
     from .validate import format_report
@@ -265,11 +266,13 @@ def validate_command(
 
 def _main_config(store, threads: int):
     """The measurement protocol of most of the LUT's rows at this thread count (lookups need the same)."""
+    import dataclasses
     from collections import Counter
 
     from hwmpq.records import MeasureConfig
 
-    configs = Counter(m.config for m in store.measurements(all_rows=True) if m.config.threads == threads)
+    configs = Counter(dataclasses.replace(m.config, statistic="p10") for m in store.measurements(all_rows=True)
+                      if m.config.threads == threads)
     return configs.most_common(1)[0][0] if configs else MeasureConfig(threads=threads)
 
 

@@ -61,8 +61,8 @@ def check_origin(store, target, *, allow_foreign: bool = False, allow_emulated: 
                                 "latencies); pass allow_emulated=True for functional use only")
 
 
-def _ok_latency(m) -> float | None:
-    return m.latency_ms if m is not None and m.ok else None
+def _ok_latency(m, config: MeasureConfig) -> float | None:
+    return m.quoted_ms(config.statistic) if m is not None else None
 
 
 def _candidates(specs: Sequence[LayerSpec], target) -> tuple[Precision, ...]:
@@ -83,7 +83,7 @@ def _layers(store, specs, cands, config, target, overhead_ms, allow_emulated):
                 continue
             if m.emulated and not allow_emulated:
                 raise ForeignTableError(f"layer {s.fqn}@{p.label} was measured under emulation")
-            ms = _ok_latency(m)
+            ms = _ok_latency(m, config)
             if ms is not None:
                 lat[i, j] = max(ms - overhead_ms, 0.0)
                 en[i, j] = m.energy_mj or 0.0
@@ -91,7 +91,7 @@ def _layers(store, specs, cands, config, target, overhead_ms, allow_emulated):
 
 
 def _chain_ms(store, edge: Edge, src: Precision, dst: Precision, config) -> float | None:
-    return _ok_latency(store.get("transition", edge.signature, dst, config, src_precision=src))
+    return _ok_latency(store.get("transition", edge.signature, dst, config, src_precision=src), config)
 
 
 def profiling_specs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target) -> list[LayerSpec]:
@@ -122,7 +122,7 @@ def transition_matrix(store, edge: Edge, cands, allowed_src, allowed_dst, config
     fp = _chain_ms(store, edge, FP32, FP32, config)
     chain = {p: _chain_ms(store, edge, p, p, config) for p in ps}
     chain = {p: (c if c is not None else (fp if p.a_bits == 32 else None)) for p, c in chain.items()}
-    solo = {p: _ok_latency(store.get("layer", stand_in.signature, p, config)) for p in ps} if stand_in else {}
+    solo = {p: _ok_latency(store.get("layer", stand_in.signature, p, config), config) for p in ps} if stand_in else {}
     glue = {p: (max(0.0, chain[p] - 2 * solo[p] + overhead_ms)
                 if chain[p] is not None and solo.get(p) is not None else 0.0) for p in ps}
     for a in allowed_src:
@@ -146,7 +146,7 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
     :class:`ForeignTableError` for a store from another device/target or an emulated one."""
     check_origin(store, target, allow_foreign=allow_foreign, allow_emulated=allow_emulated)
     oh = store.get("overhead", "overhead", FP32, config)
-    overhead_ms = _ok_latency(oh)
+    overhead_ms = _ok_latency(oh, config)
     specs = list(specs)
     cands = _candidates(specs, target)
     lat, en, missing = _layers(store, specs, cands, config, target, overhead_ms or 0.0, allow_emulated)

@@ -77,7 +77,7 @@ def export_plan(target, model: nn.Module, plan: BitPlan, example_input: torch.Te
 
 
 def measure_interleaved(target, exports: list, config: MeasureConfig, rounds: int = 3) -> list[tuple]:
-    """(median, p10, p90, error) per export, timed round-robin in ``rounds`` slices of the repeats so that
+    """(quoted statistic, p10, p90, error) per export, timed round-robin in ``rounds`` slices of the repeats so that
     a change of machine load hits every plan alike."""
     from hwmpq.targets.ort.timing import summarize
 
@@ -99,14 +99,15 @@ def measure_interleaved(target, exports: list, config: MeasureConfig, rounds: in
             out.append((None, None, None, err))
         else:
             st = summarize(lat)
-            out.append((st.median_ms, st.p10_ms, st.p90_ms, None))
+            out.append((config.quote(lat), st.p10_ms, st.p90_ms, None))
     return out
 
 
 def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int, config: MeasureConfig,
              seed: int = 0, json_out: str | None = None, *, target=None, model_name: str = "",
-             allow_foreign: bool = False) -> ValidationReport:
-    """Predicted vs measured latency of ``n_plans`` random plans; MAPE and worst error."""
+             allow_foreign: bool = False, measure_config: MeasureConfig | None = None) -> ValidationReport:
+    """Predicted vs measured latency of ``n_plans`` random plans; MAPE and worst error. ``config`` is the
+    LUT's protocol and statistic; whole models are timed under ``measure_config`` (default: the same)."""
     from hwmpq.targets import get_target
 
     from hwmpq.graph import analyse
@@ -126,7 +127,7 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
     plans = random_plans(table, n_plans, seed)
     with tempfile.TemporaryDirectory(prefix="hwmpq-validate-") as tmp:
         exports = [export_plan(target, model, plan, example_input, f"{tmp}/plan{k}") for k, plan in enumerate(plans)]
-        timed = measure_interleaved(target, exports, config)
+        timed = measure_interleaved(target, exports, measure_config or config)
     for plan, (med, p10, p90, err) in zip(plans, timed, strict=True):
         predicted, _ = table.predict(plan)
         pct = None if med is None else (predicted - med) / med * 100

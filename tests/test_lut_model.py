@@ -1,6 +1,7 @@
 """The LUT latency model: formulas on hand-written rows (exact numbers), refusal of incomplete or foreign
 stores, edges across merges, and a table built from a real ORT profile of a tiny model."""
 
+import dataclasses
 import time
 
 import numpy as np
@@ -135,3 +136,18 @@ def test_table_from_a_real_ort_profile(tmp_path):
     assert lat > table.constant_ms > 0 and energy > 0
     store.close()
     target.cleanup()
+
+
+def test_the_table_quotes_the_configured_statistic(tmp_path):
+    target = TwoPrecisionTarget()
+    rows = [Measurement("overhead", FP32, "hand", "hand-device", 0.02, p10_ms=0.01, config=CFG, kind="overhead"),
+            Measurement(B.signature, FP32, "hand", "hand-device", 0.45, p10_ms=0.41, config=CFG),
+            Measurement(B.signature, W8, "hand", "hand-device", 0.30, p10_ms=0.21, config=CFG)]
+    with LutStore.open(tmp_path / "q.lut", target=target.id, device=target.device()) as store:
+        store.add_many(rows)
+        med = build_table(store, [B], [], dataclasses.replace(CFG, statistic="median"), target)
+        p10 = build_table(store, [B], [], dataclasses.replace(CFG, statistic="p10"), target)
+    f, q = p10.candidates.index(FP32), p10.candidates.index(W8)
+    np.testing.assert_allclose(med.layer_ms[0, [f, q]], [0.43, 0.28])
+    np.testing.assert_allclose(p10.layer_ms[0, [f, q]], [0.40, 0.20])
+    assert (med.constant_ms, p10.constant_ms) == (pytest.approx(0.02), pytest.approx(0.01))

@@ -7,6 +7,7 @@ import inspect
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -167,9 +168,20 @@ def test_validate_against_model_and_target(tmp_path: Path):
 def test_measure_config_rejects_bad_protocol():
     with pytest.raises(RecordError, match="repeat>=1"):
         MeasureConfig(repeat=0)
-    with pytest.raises(RecordError, match="only 'median'"):
+    with pytest.raises(RecordError, match="'mean' is not one of"):
         MeasureConfig(statistic="mean")
     assert MeasureConfig().key == MeasureConfig().key != MeasureConfig(repeat=5).key
+
+
+def test_the_statistic_is_how_rows_are_read_not_part_of_the_protocol_key():
+    # a LUT written when only the median was quoted keeps its keys
+    assert MeasureConfig(statistic="p10").key == MeasureConfig(statistic="median").key == "fa7bf0b7e529"  # the default key before p10
+    samples = [5.0, 1.0, 4.0, 2.0, 3.0, 100.0]
+    assert MeasureConfig(statistic="median").quote(samples) == pytest.approx(np.median(samples))
+    assert MeasureConfig(statistic="p10").quote(samples) == pytest.approx(np.percentile(samples, 10))
+    m = Measurement("s", P88, "t", "d", latency_ms=2.0, p10_ms=1.5)
+    assert (m.quoted_ms("p10"), m.quoted_ms("median")) == (1.5, 2.0)
+    assert Measurement("s", P88, "t", "d", latency_ms=None, error_msg="boom").quoted_ms("p10") is None
 
 
 def test_layerspec_rejects_unknown_kind():

@@ -60,7 +60,7 @@ def measure_rounds(target: OrtTarget, paths: dict[str, str], config: MeasureConf
             if run.error_msg:
                 raise RuntimeError(f"{k}: {run.error_msg}")
             samples[k].extend(run.latencies_ms)
-    return {k: summarize(v) for k, v in samples.items()}
+    return {k: (summarize(v), config.quote(v)) for k, v in samples.items()}
 
 
 def bench_model(name: str, target: OrtTarget, config: MeasureConfig, lut_dir: Path, work: Path) -> list[dict]:
@@ -83,13 +83,13 @@ def bench_model(name: str, target: OrtTarget, config: MeasureConfig, lut_dir: Pa
     paths = {k: export_plan(target, model, p, x, str(work / f"{name}_{k}")).artifact for k, p in plans.items()}
     paths["ort_int8_static"] = ort_quantize_static(paths["float32"], str(work / f"{name}_ort_int8.onnx"), x)
     stats = measure_rounds(target, paths, config)
-    base = stats["float32"].median_ms
+    base = stats["float32"][1]
     rows = []
-    for k, st in stats.items():
+    for k, (st, quoted) in stats.items():
         pred = table.predict(plans[k])[0] if k in plans else None
         rows.append({"model": name, "variant": k, "median_ms": st.median_ms, "p10_ms": st.p10_ms, "p90_ms": st.p90_ms,
-                     "n": st.n, "ratio_to_fp32": st.median_ms / base, "predicted_ms": pred,
-                     "error_pct": None if pred is None else (pred - st.median_ms) / st.median_ms * 100,
+                     "n": st.n, "statistic": config.statistic, "ratio_to_fp32": quoted / base, "predicted_ms": pred,
+                     "error_pct": None if pred is None else (pred - quoted) / quoted * 100,
                      "plan": {f: p.label for f, p in plans[k].layers} if k in plans else "uniform int8 (ORT)",
                      "profile_s": profile_s, "clock": target.clock, "threads": config.threads})
     return rows

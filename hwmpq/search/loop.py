@@ -6,7 +6,6 @@ predicted and measured latency, and accuracy. ``hwmpq search`` and ``hwmpq demo`
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,7 +238,7 @@ def export_and_measure(ctx: Context, model: nn.Module, result: SearchResult, out
     if run.latencies_ms is None:
         _log(f"[red]measuring {exported.artifact} failed[/]: {run.error_msg}")
         return None
-    return statistics.median(run.latencies_ms)
+    return ctx.measure.quote(run.latencies_ms)
 
 
 def run_row(ctx: Context, cfg: LoopConfig, method: str, bits: str | None, out: Path) -> dict[str, Any]:
