@@ -153,7 +153,8 @@ def main() -> None:
     ap.add_argument("--plans", nargs="+", default=["w4a4", "saq"], help="w4a4 | w8a8 | ... | saq")
     ap.add_argument("--aids", nargs="+", default=list(AIDS), choices=list(AIDS))
     ap.add_argument("--ssps", action="store_true", help="also SSPS's plan at the same budget (plain QAT)")
-    ap.add_argument("--budget", type=float, default=0.7, help="fraction of the fp32 plan's measured LUT latency")
+    ap.add_argument("--budget", default="0.5range", help="as `hwmpq search --budget`: 0.5range (halfway from the "
+                    "fastest plan to fp32 by the LUT), 0.9x (of the fp32 plan's LUT latency), 1.2ms")
     ap.add_argument("--train-images", type=int, default=4000)
     ap.add_argument("--test-images", type=int, default=1000)
     ap.add_argument("--float-epochs", type=int, default=2)
@@ -193,7 +194,7 @@ def main() -> None:
                 from hwmpq.search.budget import parse_budget
 
                 table = measured_table(model, out / f"lut_{a.model}.sqlite")
-                budget = parse_budget(table, f"{a.budget}x")
+                budget = parse_budget(table, a.budget)
             plans[p], meta[p] = searched_plan(p, model, splits, table, budget, out, a)
         else:
             plans[p] = BitPlan.uniform(names, Precision.parse(p))

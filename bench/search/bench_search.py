@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def run_model(model: str, args, workdir: Path) -> list[dict]:
     from hwmpq.search.base import Budget
     from hwmpq.search.loop import LoopConfig, prepare, run_row
 
-    weights = float_weights(model, args.train_images, args.pretrain_epochs, workdir, args.seed)
+    given = dict(kv.split("=", 1) for kv in args.weights if "=" in kv)
+    weights = given.get(model) or float_weights(model, args.train_images, args.pretrain_epochs, workdir, args.seed)
     search = {"epochs": args.search_epochs, "warmup_epochs": 1, "limit_batches": args.limit_batches, "batch_size": 64}
     cfg = LoopConfig(method="ssps", model=model, data="fashion-mnist", data_limit=args.train_images, weights=weights,
                      target="ort-x86", lut=str(workdir / f"lut_{model}.sqlite"), profile_missing=True,
@@ -118,9 +120,14 @@ def main() -> None:
     p.add_argument("--limit-batches", type=int, default=None)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--repeat", type=int, default=100)
+    p.add_argument("--weights", nargs="*", default=[], help="trained float weights per model: resnet20=PATH ...")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads (ORT timing always uses 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/search/results")
     args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -130,7 +137,8 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     (out / "search_bench.json").write_text(json.dumps({"args": vars(args), "rows": rows,
-                                                       "wall_s": time.perf_counter() - t0}, indent=1))
+                                                       "wall_s": time.perf_counter() - t0,
+                                                       "loadavg_end": os.getloadavg()}, indent=1))
     pareto_plot(rows, out / "search_pareto.png")
     print(f"\n{'model':12} {'method':14} {'budget':>8} {'pred':>8} {'meas':>8} {'acc':>7} {'search s':>9}")
     for r in rows:
