@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -130,7 +129,7 @@ def export_measured(ctx, fronts: dict, fractions: list[float], out: Path, proxy:
                 calibrate(model, [calib])
                 exp = ctx.target.export(model.eval(), p.plan, ctx.example_input, str(out / f"export_{len(cache)}"))
                 run = ctx.target.measure_artifact(exp, ctx.measure)
-                cache[key] = statistics.median(run.latencies_ms) if run.latencies_ms else None
+                cache[key] = ctx.measure.quote(run.latencies_ms) if run.latencies_ms else None
                 _log(f"measured {method} @ {f}x: predicted {p.latency_ms:.4f} ms, measured {cache[key]} ms")
             if cache[key] is not None:
                 fronts[method] = [with_measured(q, cache[key]) if q.plan.layers == key else q for q in fronts[method]]

@@ -129,7 +129,7 @@ def _hv(F: np.ndarray, ref: np.ndarray) -> float:
 @dataclass(frozen=True)
 class FrontPoint:
     """One plan on a front with its objectives. ``latency_ms``/``energy_mj`` are LUT predictions;
-    ``measured_ms`` is the exported artifact's measured median, when someone measured it."""
+    ``measured_ms`` is the exported artifact's measured latency (the quoted statistic, p10 by default), when measured."""
 
     plan: BitPlan
     accuracy: float
