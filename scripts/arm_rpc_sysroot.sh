@@ -2,7 +2,8 @@
 # Build (once) an aarch64 Python 3.11 + TVM runtime sysroot under .cache/arm_rpc/ and register qemu-user
 # with binfmt_misc, so `scripts/arm_rpc_sysroot.sh serve PORT` runs a real aarch64 TVM RPC server on
 # 127.0.0.1 under emulation. Idempotent: every step is skipped when its output already exists.
-#   scripts/arm_rpc_sysroot.sh setup        # fetch + unpack + binfmt (needs root and the package registries)
+#   scripts/arm_rpc_sysroot.sh setup        # fetch + unpack + binfmt (needs root and the package registries);
+#                                           # with the sysroot cached it only re-registers binfmt (after a boot)
 #   scripts/arm_rpc_sysroot.sh check        # exit 0 when the sysroot and binfmt are ready
 #   scripts/arm_rpc_sysroot.sh serve PORT   # run the aarch64 RPC server in the foreground
 # Timings from this server are emulated: never latencies.
@@ -13,6 +14,7 @@ SYSROOT="$CACHE/sysroot"
 SITE="$CACHE/site"
 DEBS="$CACHE/debs"
 QEMU="$(command -v qemu-aarch64-static || true)"
+PYTHON="${HWMPQ_ARM_PYTHON:-python3}"   # any Python with pip: it only downloads the aarch64 wheels
 TVM_VERSION="${TVM_VERSION:-0.27.0.post1}"
 TVM_FFI_VERSION="${TVM_FFI_VERSION:-0.1.14.post1}"
 PKGS="python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libexpat1 zlib1g libssl3 libffi8
@@ -34,7 +36,8 @@ fetch_debs() {
     || die "apt-get update with arm64 failed (needs root and the Debian mirror)"
   local p
   for p in $PKGS; do
-    (cd "$DEBS" && apt-get -o APT::Architectures::=amd64 -o APT::Architectures::=arm64 download -qq "$p:arm64") \
+    (cd "$DEBS" && apt-get -o APT::Architectures::=amd64 -o APT::Architectures::=arm64 \
+      -o APT::Sandbox::User=root download -qq "$p:arm64") \
       || die "apt-get download $p:arm64 failed"
   done
   touch "$DEBS/.complete"
@@ -52,7 +55,7 @@ unpack_debs() {
 fetch_wheels() {
   [ -f "$SITE/.complete" ] && return 0
   mkdir -p "$SITE"
-  python3 -m pip install -q --target "$SITE" --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
+  "$PYTHON" -m pip install -q --target "$SITE" --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
     --platform manylinux_2_17_aarch64 --python-version 3.11 --implementation cp --only-binary=:all: \
     "apache-tvm==$TVM_VERSION" "apache-tvm-ffi==$TVM_FFI_VERSION" numpy cloudpickle psutil ml_dtypes \
     || die "pip could not fetch the aarch64 TVM wheels"

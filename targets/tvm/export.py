@@ -23,7 +23,15 @@ from hwmpq.qmodules import QuantLayer, quantize_
 from hwmpq.records import W8A8, BitPlan, MeasureConfig, RunResult, atomic_write_text, to_jsonable
 
 from ..base import ExportResult
-from .layers import emit_bitserial_layer, emit_float_layer, emit_int8_layer, int_params, is_bitserial
+from .layers import (
+    emit_bitserial_layer,
+    emit_dequantize,
+    emit_float_layer,
+    emit_int8_layer,
+    emit_quantize,
+    int_params,
+    is_bitserial,
+)
 
 
 class ExportError(ValueError):
@@ -49,24 +57,17 @@ def _quant_params(q: QuantLayer):
 
 
 def _emit_quant_layer(bb, x, fqn: str, q: QuantLayer, spec):
-    from tvm import relax
-
     p, s_in, s_out, (qmin, qmax) = _quant_params(q)
     if q.precision != W8A8 and not is_bitserial(q.precision):
         raise ExportError(f"layer {fqn!r}: {q.precision.label} has no TVM integer kernel; use w8a8 or bitserial")
-    codes = relax.op.clip(relax.op.round(relax.op.divide(x, relax.const(np.float32(s_in)))), qmin, qmax)
-    xq = bb.emit(relax.op.astype(codes, p.in_dtype))
     conv = spec.kind != "linear"
-    if conv:
-        xq = bb.emit(relax.op.permute_dims(xq, [0, 2, 3, 1]))
+    xq = emit_quantize(bb, x, s_in, (qmin, qmax), p.in_dtype, conv)
     emit = emit_int8_layer if q.precision == W8A8 else emit_bitserial_layer
     try:
         yq = emit(bb, xq, spec, p)
     except ValueError as e:
         raise ExportError(f"layer {fqn!r} at {q.precision.label}: {e}") from None
-    if conv:
-        yq = bb.emit(relax.op.permute_dims(yq, [0, 3, 1, 2]))
-    return bb.emit(relax.op.multiply(relax.op.astype(yq, "float32"), relax.const(np.float32(s_out))))
+    return emit_dequantize(bb, yq, s_out, conv)
 
 
 def _emit_module(bb, x, mod: nn.Module, name: str, specs):

@@ -167,10 +167,102 @@ def int_input(spec: LayerSpec, p: IntLayerParams, seed: int = 1) -> np.ndarray:
     return rng.integers(lo, hi + 1, shape).astype(p.in_dtype)
 
 
-def single_layer_module(spec: LayerSpec, precision: Precision, seed: int = 0):
-    """(IRModule with ``main``, [example input]) for profiling one layer at ``precision``."""
-    from tvm import relax
+def emit_quantize(bb, x, s_in: float, code_range: tuple[int, int], dtype: str, nhwc: bool):
+    """Float activations -> integer codes ``clip(round_half_even(x / s_in))`` as ``dtype``; NCHW -> NHWC
+    for convs. What the exporter emits before every integer layer."""
+    relax = _rx()
+    lo, hi = code_range
+    codes = relax.op.clip(relax.op.round(relax.op.divide(x, relax.const(np.float32(s_in)))), lo, hi)
+    xq = bb.emit(relax.op.astype(codes, dtype))
+    return bb.emit(relax.op.permute_dims(xq, [0, 2, 3, 1])) if nhwc else xq
 
+
+def emit_dequantize(bb, yq, s_out: float, nhwc: bool):
+    """Integer codes -> float32 ``codes * s_out``; NHWC -> NCHW for convs. Emitted after every integer layer."""
+    relax = _rx()
+    if nhwc:
+        yq = bb.emit(relax.op.permute_dims(yq, [0, 3, 1, 2]))
+    return bb.emit(relax.op.multiply(relax.op.astype(yq, "float32"), relax.const(np.float32(s_out))))
+
+
+PROFILE_SCALE = 0.05  # s_in and s_out of the random integer layers profiled here
+
+
+def stand_in_spec(shape: tuple[int, ...]) -> LayerSpec:
+    """The neighbours in a transition chain on a tensor of ``shape`` (NCHW, or N,C): a 1x1 conv C->C
+    (the cheapest layer that every TVM precision can build, bitserial included: a depthwise conv has
+    no bitserial kernel), or a linear C->C for 2-d tensors."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) == 2:
+        n, c = shape
+        return LayerSpec(f"stand_in{list(shape)}", "linear", c, c, batch=n, bias=True, macs=n * c * c,
+                         params=c * c + c)
+    if len(shape) != 4:
+        raise ValueError(f"a transition tensor is NCHW or (N, C); got shape {shape}")
+    n, c, h, w = shape
+    return LayerSpec(f"stand_in{list(shape)}", "conv", c, c, in_hw=(h, w), out_hw=(h, w), batch=n, bias=False,
+                     macs=n * c * c * h * w, params=c * c)
+
+
+def emit_glue(bb, y, nhwc: bool, src: Precision, dst: Precision):
+    """What the exporter puts between two layers: dequantize the producer's codes (if integer), ReLU in
+    float32, quantize to the consumer's unsigned codes (if integer)."""
+    relax = _rx()
+    if not src.is_float:
+        y = emit_dequantize(bb, y, PROFILE_SCALE, nhwc)
+    y = bb.emit(relax.op.nn.relu(y))
+    if not dst.is_float:
+        y = emit_quantize(bb, y, PROFILE_SCALE, (0, 2**dst.a_bits - 1), "uint8", nhwc)
+    return y
+
+
+def transition_module(shape: tuple[int, ...], src: Precision, dst: Precision, seed: int = 0):
+    """(IRModule, [example input]) of the chain ``stand_in(src) -> glue -> stand_in(dst)``, each stand-in
+    built exactly like its single-layer row (same seed, same I/O). Its time C(src, dst) minus the
+    stand-ins' rows is what a layer boundary costs in an exported model (lut/model.py)."""
+    spec = stand_in_spec(shape)
+    emit_a, x, _ = _layer_emitter(spec, src, seed)
+    emit_b, _, _ = _layer_emitter(spec, dst, seed)
+    nhwc = spec.kind != "linear"
+    return _wrap(lambda bb, v: emit_b(bb, emit_glue(bb, emit_a(bb, v), nhwc, src, dst)), x), [x]
+
+
+def reference_transition(x: np.ndarray, shape: tuple[int, ...], src: Precision, dst: Precision,
+                         seed: int = 0) -> np.ndarray:
+    """numpy/torch reference of :func:`transition_module`'s output (exact for integer layers; float layers
+    in float64, so a float producer may move a quantized value by one step)."""
+    spec = stand_in_spec(shape)
+    nhwc = spec.kind != "linear"
+    y = _reference_layer(x, spec, src, seed)
+    if not src.is_float:
+        y = (y.transpose(0, 3, 1, 2) if nhwc else y).astype(np.float32) * np.float32(PROFILE_SCALE)
+    y = np.maximum(y, np.float32(0))
+    if not dst.is_float:
+        codes = np.clip(np.round(y / np.float32(PROFILE_SCALE)), 0, 2**dst.a_bits - 1).astype(np.uint8)
+        y = codes.transpose(0, 2, 3, 1) if nhwc else codes
+    return _reference_layer(np.ascontiguousarray(y), spec, dst, seed)
+
+
+def _reference_layer(x: np.ndarray, spec: LayerSpec, precision: Precision, seed: int) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    _, _, params = _layer_emitter(spec, precision, seed)
+    if not precision.is_float:
+        return reference_int_layer(x, spec, params)
+    weight, bias = (torch.from_numpy(a).double() if a is not None else None for a in params)
+    xt = torch.from_numpy(x).double()
+    if spec.kind == "linear":
+        y = xt @ weight.T + (bias if bias is not None else 0)
+    else:
+        y = F.conv2d(xt, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+    return y.float().numpy()
+
+
+def _layer_emitter(spec: LayerSpec, precision: Precision, seed: int = 0):
+    """(emit(bb, x) -> output, example input, params) for one layer with random shape-true parameters:
+    float NCHW (linear: N,C) in and out; integer NHWC codes in (uint8) and out (int8). ``params`` is
+    (weight, bias) for float, :class:`IntLayerParams` for integer layers."""
     if precision.is_float:
         rng = np.random.default_rng(seed)
         cin = spec.in_channels // spec.groups
@@ -178,7 +270,7 @@ def single_layer_module(spec: LayerSpec, precision: Precision, seed: int = 0):
         weight = rng.normal(0, 0.1, wshape).astype(np.float32)
         bias = rng.normal(0, 0.1, spec.out_channels).astype(np.float32) if spec.bias else None
         x = rng.normal(0, 1, spec.input_shape).astype(np.float32)
-        return _wrap(lambda bb, v: emit_float_layer(bb, v, spec, weight, bias), x), [x]
+        return (lambda bb, v: emit_float_layer(bb, v, spec, weight, bias)), x, (weight, bias)
     p = random_int_params(spec, precision, seed)
     x = int_input(spec, p, seed + 1)
     if precision == Precision(8, 8):
@@ -189,8 +281,13 @@ def single_layer_module(spec: LayerSpec, precision: Precision, seed: int = 0):
     else:
         raise UnsupportedLayerError(f"no TVM builder for {precision.label}; use fp32, w8a8 or bitserial "
                                     f"{[q.label for q in BITSERIAL_PRECISIONS]}")
-    _ = relax
-    return _wrap(lambda bb, v: emit(bb, v, spec, p), x), [x]
+    return (lambda bb, v: emit(bb, v, spec, p)), x, p
+
+
+def single_layer_module(spec: LayerSpec, precision: Precision, seed: int = 0):
+    """(IRModule with ``main``, [example input]) for profiling one layer at ``precision``."""
+    emit, x, _ = _layer_emitter(spec, precision, seed)
+    return _wrap(emit, x), [x]
 
 
 def _wrap(body, x: np.ndarray):

@@ -75,18 +75,46 @@ class TvmTarget:
         if precision not in self.precisions.for_layer(spec):
             return BuildResult(None, f"{self.id} cannot run {precision.label} for a {spec.kind} layer; "
                                      f"allowed: {[p.label for p in self.precisions.for_layer(spec)]}")
-        out = self.work_dir / "layers" / self.preset.name / f"{spec.signature}-{precision.label}"
+        from .layers import single_layer_module
+
+        return self._build(f"{spec.signature}-{precision.label}", lambda: single_layer_module(spec, precision),
+                           f"building {spec.fqn or spec.signature} at {precision.label}")
+
+    def build_transition(self, shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult:
+        """The chain ``stand_in(src) -> glue -> stand_in(dst)`` on a tensor of ``shape`` (layers.py:
+        ``transition_module``), the glue being what export emits between two layers."""
+        from .layers import stand_in_spec, transition_module
+
+        try:
+            spec = stand_in_spec(shape)
+        except ValueError as e:
+            return BuildResult(None, f"{self.id}: transition on {tuple(shape)}: {e}")
+        for p in (src, dst):
+            if p not in self.precisions.for_layer(spec):
+                return BuildResult(None, f"{self.id} cannot run {p.label} for the transition stand-in "
+                                         f"({spec.kind}); allowed: {[q.label for q in self.precisions.for_layer(spec)]}")
+        dims = "x".join(map(str, spec.input_shape))
+        return self._build(f"transition-{dims}-{src.label}-{dst.label}",
+                           lambda: transition_module(shape, src, dst),
+                           f"building the transition {dims} {src.label}->{dst.label}")
+
+    def transition_stand_in(self, shape: tuple[int, ...]) -> LayerSpec:
+        """The neighbour layer the transition chains use (a 1x1 conv, or linear); profile it as a layer too."""
+        from .layers import stand_in_spec
+
+        return stand_in_spec(tuple(shape))
+
+    def _build(self, name: str, make, what: str) -> BuildResult:
+        """Compile ``make() -> (IRModule, inputs)`` once into ``layers/PRESET/name/`` (reused if present)."""
+        out = self.work_dir / "layers" / self.preset.name / name
         lib = out / f"t{self.tune_trials}.so"
         try:
-            from .layers import single_layer_module
-
-            mod, inputs = single_layer_module(spec, precision)
+            mod, inputs = make()
             if not lib.exists():
                 self._compile_to(mod, lib)
             np.savez(out / "inputs.npz", *inputs)
         except Exception as e:  # noqa: BLE001 - any TVM failure is a recorded build result
-            return BuildResult(None, f"{self.id}: building {spec.fqn or spec.signature} at {precision.label} "
-                                     f"failed: {type(e).__name__}: {_first_lines(str(e))}")
+            return BuildResult(None, f"{self.id}: {what} failed: {type(e).__name__}: {_first_lines(str(e))}")
         return BuildResult(json.dumps({"lib": str(lib), "inputs": str(out / "inputs.npz")}))
 
     def build_overhead(self) -> BuildResult:
