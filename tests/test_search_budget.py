@@ -88,3 +88,18 @@ def test_repair_already_within_is_untouched_and_bad_sensitivity_is_refused():
     assert idx == [1, 1, 1] and steps == []
     with pytest.raises(ValueError, match="sensitivity must be"):
         repair(T, [0, 0, 0], Budget(latency_ms=4.0), np.zeros(5))
+
+
+def test_repair_out_of_a_local_minimum_goes_to_the_cheapest_plan():
+    # both layers fp32 (2.0 ms) or both w4a8 (0.5 ms); a boundary between them costs 3 ms each way, so from
+    # fp32/fp32 every single change is dearer (greedy repair is stuck), but w4a8/w4a8 (1.0 ms) fits
+    t = np.zeros((3, 3))
+    t[0, 2] = t[2, 0] = 3.0
+    t[0, 1] = t[1, 0] = t[1, 2] = t[2, 1] = 3.0
+    tab = table([[2.0, 1.5, 0.5], [2.0, 1.5, 0.5]], transitions=[(0, 1, t)])
+    idx, steps = repair(tab, [0, 0], Budget(latency_ms=1.2), np.zeros(2))
+    assert idx == [2, 2] and within(tab, idx, Budget(latency_ms=1.2))
+    assert [(s.layer, s.from_label, s.to_label) for s in steps] == [("l0", "fp32", "w4a8"), ("l1", "fp32", "w4a8")]
+    assert steps[-1].latency_ms == pytest.approx(1.0)
+    with pytest.raises(BudgetError, match="even the cheapest plan"):
+        repair(tab, [0, 0], Budget(latency_ms=0.9), np.zeros(2))

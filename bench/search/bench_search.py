@@ -9,8 +9,10 @@ Pareto plot (measured latency vs test accuracy) and prints the table.
     python bench/search/bench_search.py --models resnet20 --budgets 3 --train-images 3000 \\
         --search-epochs 2 --finetune-epochs 1 --limit-batches 15                          # a quick one
 
-Timings are medians of --repeat runs of one exported model on a shared machine: quote ratios measured in
-one run, not absolute numbers. Search wall time is the search alone (no fine-tune, export, measure).
+Latencies: every export is timed in the loop, then all exports are timed again in ONE interleaved run at
+the end (``--rounds`` slices of ``--repeat``; ``measured_ms``, ``x_fp32_measured``; the loop's own value is
+kept as ``measured_inline_ms``), quoting the p10 statistic. ``--remeasure-only DIR ...`` repeats only that
+run, e.g. on a quiet machine. Search wall time is the search alone (no fine-tune, export, measure).
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def run_model(model: str, args, workdir: Path) -> list[dict]:
         r = run_row(ctx, cfg, method, bits, out)
         rows.append({"model": model, "method": r["method"], "budget_ms": budget_ms, "predicted_ms": r["predicted_ms"],
                      "measured_ms": r["measured_ms"], "test_acc": r["test_acc"], "search_s": r["search_s"],
-                     "repaired": r["repaired"], "float_test_acc": ctx.float_acc})
+                     "repaired": r["repaired"], "float_test_acc": ctx.float_acc,
+                     "artifact": str(workdir / f"{model}_{tag}_export" / "model.onnx"), "bits": r.get("bits")})
         print(json.dumps(rows[-1]), flush=True)
 
     for bits in args.uniform.split(","):
@@ -80,6 +83,29 @@ def run_model(model: str, args, workdir: Path) -> list[dict]:
         for method in args.methods.split(","):
             record(method, None, b, f"{method}_b{i}")
     return rows
+
+
+def remeasure(rows: list[dict], warmup: int, repeat: int, rounds: int) -> None:
+    """Time every exported model again in ONE interleaved run (``rounds`` slices of ``repeat``), so that
+    the latencies in the table are comparable: the in-loop measurement of each row (kept as
+    ``measured_inline_ms``) happened minutes apart, under whatever else the machine was running then."""
+    from hwmpq.lut.validate import measure_interleaved
+    from hwmpq.targets import get_target
+    from hwmpq.targets.base import ExportResult
+
+    from hwmpq.records import MeasureConfig
+
+    target = get_target("ort-x86", threads=1)
+    config = MeasureConfig(warmup=warmup, repeat=repeat, threads=1)
+    todo = [r for r in rows if r.get("artifact") and Path(r["artifact"]).is_file()]
+    exports = [ExportResult(str(Path(r["artifact"]).parent), r["artifact"], "") for r in todo]
+    for r, (quoted, _, _, err) in zip(todo, measure_interleaved(target, exports, config, rounds), strict=True):
+        r.setdefault("measured_inline_ms", r["measured_ms"])
+        r["measured_ms"], r["measure_error"] = quoted, err
+    for model in {r["model"] for r in todo}:
+        fp = [r["measured_ms"] for r in todo if r["model"] == model and r["method"] == "uniform fp32"]
+        for r in (r for r in todo if r["model"] == model):
+            r["x_fp32_measured"] = r["measured_ms"] / fp[0] if fp and fp[0] and r["measured_ms"] else None
 
 
 def pareto_plot(rows: list[dict], path: Path) -> None:
@@ -122,6 +148,10 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=100)
     p.add_argument("--weights", nargs="*", default=[], help="trained float weights per model: resnet20=PATH ...")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads (ORT timing always uses 1)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the final re-measurement")
+    p.add_argument("--remeasure-only", nargs="*", default=None, metavar="DIR",
+                   help="no search: re-measure the exports listed in DIR/search_bench.json (one interleaved run, "
+                   "e.g. on a quiet machine) and write the merged table to --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/search/results")
     args = p.parse_args()
@@ -131,23 +161,32 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows = [r for m in args.models.split(",") for r in run_model(m, args, out)]
-    with open(out / "search_bench.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    if args.remeasure_only:
+        rows = [r for d in args.remeasure_only for r in json.loads(Path(d, "search_bench.json").read_text())["rows"]]
+    else:
+        rows = [r for m in args.models.split(",") for r in run_model(m, args, out)]
+    remeasure(rows, args.warmup, args.repeat, args.rounds)
+    write_results(rows, out, args, time.perf_counter() - t0)
+
+
+def write_results(rows: list[dict], out: Path, args, wall_s: float) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "search_bench.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    (out / "search_bench.json").write_text(json.dumps({"args": vars(args), "rows": rows,
-                                                       "wall_s": time.perf_counter() - t0,
+    Path(out / "search_bench.csv.tmp").replace(out / "search_bench.csv")
+    (out / "search_bench.json").write_text(json.dumps({"args": vars(args), "rows": rows, "wall_s": wall_s,
                                                        "loadavg_end": os.getloadavg()}, indent=1))
     pareto_plot(rows, out / "search_pareto.png")
-    print(f"\n{'model':12} {'method':14} {'budget':>8} {'pred':>8} {'meas':>8} {'acc':>7} {'search s':>9}")
+    print(f"\n{'model':12} {'method':14} {'budget':>8} {'pred':>8} {'meas':>8} {'x fp32':>7} {'acc':>7} {'search s':>9}")
     for r in rows:
         b = "-" if r["budget_ms"] is None else f"{r['budget_ms']:.4f}"
         m = "-" if r["measured_ms"] is None else f"{r['measured_ms']:.4f}"
-        print(f"{r['model']:12} {r['method']:14} {b:>8} {r['predicted_ms']:8.4f} {m:>8} {r['test_acc']:7.4f} "
+        x = "-" if r.get("x_fp32_measured") is None else f"{r['x_fp32_measured']:.3f}"
+        print(f"{r['model']:12} {r['method']:14} {b:>8} {r['predicted_ms']:8.4f} {m:>8} {x:>7} {r['test_acc']:7.4f} "
               f"{r['search_s']:9.1f}")
-    print(f"wrote {out}/search_bench.csv, .json, search_pareto.png in {time.perf_counter() - t0:.0f} s")
-
+    print(f"wrote {out}/search_bench.csv, .json, search_pareto.png ({wall_s:.0f} s; load {os.getloadavg()})")
 
 if __name__ == "__main__":
     main()

@@ -136,9 +136,10 @@ def repair(table: LatencyTable, idx: Sequence[int], budget: Budget, sensitivity:
     steps: list[RepairStep] = []
     while not within(table, idx, budget):
         moves = _moves(table, idx, budget)
-        if not moves or len(steps) >= max_steps:
-            raise BudgetError("repair could not bring the plan within budget; the budget is at the edge of what "
-                              "the LUT can reach; raise it slightly")
+        if not moves:  # a local minimum (transitions make single changes cost more): the cheapest plan fits
+            return _to_cheapest(table, idx, budget, steps)
+        if len(steps) >= max_steps:
+            raise BudgetError(f"repair took {max_steps} steps without reaching the budget")
         if sens.ndim == 1:
             # least sensitive layer first; within it, the smallest saving (the gentlest precision drop)
             layer, p, _ = min(moves, key=lambda m: (sens[m[0]], m[2]))
@@ -148,4 +149,20 @@ def repair(table: LatencyTable, idx: Sequence[int], budget: Budget, sensitivity:
         idx[layer] = p
         lat, en = table.predict_indices(idx)
         steps.append(RepairStep(table.fqns[layer], table.candidates[old].label, table.candidates[p].label, lat, en))
+    return idx, steps
+
+
+def _to_cheapest(table: LatencyTable, idx: list[int], budget: Budget,
+                 steps: list[RepairStep]) -> tuple[list[int], list[RepairStep]]:
+    """Change every layer that differs from the cheapest plan (the one feasibility was checked against)."""
+    cheap = table.cheapest_indices(energy=budget.latency_ms is None)
+    if not within(table, cheap, budget):
+        raise BudgetError("repair could not bring the plan within budget: even the cheapest plan the LUT knows "
+                          "is over it; raise the budget")
+    for layer, (old, p) in enumerate(zip(idx, cheap, strict=True)):
+        if old != p:
+            idx[layer] = p
+            lat, en = table.predict_indices(idx)
+            steps.append(RepairStep(table.fqns[layer], table.candidates[old].label, table.candidates[p].label,
+                                    lat, en))
     return idx, steps
