@@ -150,7 +150,7 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
     specs = list(specs)
     cands = _candidates(specs, target)
     lat, en, missing = _layers(store, specs, cands, config, target, overhead_ms or 0.0, allow_emulated)
-    if overhead_ms is None:
+    if overhead_ms is None and hasattr(target, "build_overhead"):
         missing.append(("<session overhead>", "fp32"))
     if missing:
         raise MissingEntriesError(missing)
@@ -162,7 +162,7 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
         i, j = index[e.src], index[e.dst]
         allowed_i, allowed_j = target.precisions.for_layer(specs[i]), target.precisions.for_layer(specs[j])
         stand_in = target.transition_stand_in(e.tensor_shape) if hasattr(target, "transition_stand_in") else None
-        t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config, overhead_ms, stand_in)
+        t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config, overhead_ms or 0.0, stand_in)
         n_missing += miss
         n_total += len(allowed_i) * len(allowed_j)
         transitions.append((i, j, t))
@@ -170,7 +170,7 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
         warnings.warn(f"{n_missing} of {n_total} transition entries are not in the LUT (counted as 0 ms); "
                       "run `hwmpq profile` with transitions to measure them", stacklevel=2)
     meta = store.meta
-    return LatencyTable(tuple(s.fqn for s in specs), cands, lat, en, tuple(transitions), float(overhead_ms),
+    return LatencyTable(tuple(s.fqn for s in specs), cands, lat, en, tuple(transitions), float(overhead_ms or 0.0),
                         target=target.id, device=str(meta.get("device", "")),
                         emulated=str(meta.get("emulated", "")).lower() in ("1", "true"))
 

@@ -151,3 +151,18 @@ def test_the_table_quotes_the_configured_statistic(tmp_path):
     np.testing.assert_allclose(med.layer_ms[0, [f, q]], [0.43, 0.28])
     np.testing.assert_allclose(p10.layer_ms[0, [f, q]], [0.40, 0.20])
     assert (med.constant_ms, p10.constant_ms) == (pytest.approx(0.02), pytest.approx(0.01))
+
+
+def test_the_session_overhead_is_required_only_from_targets_that_can_measure_it(tmp_path):
+    target = TwoPrecisionTarget()  # no build_overhead (like the fake target): the constant is 0
+    rows = [Measurement(B.signature, p, "hand", "hand-device", 0.3, config=CFG) for p in (FP32, W8)]
+    with LutStore.open(tmp_path / "n.lut", target=target.id, device=target.device()) as store:
+        store.add_many(rows)
+        assert build_table(store, [B], [], CFG, target).constant_ms == 0.0
+
+        class Measures(TwoPrecisionTarget):
+            def build_overhead(self):
+                raise AssertionError("not called by build_table")
+
+        with pytest.raises(MissingEntriesError, match="<session overhead>@fp32"):
+            build_table(store, [B], [], CFG, Measures())

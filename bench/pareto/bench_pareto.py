@@ -3,7 +3,7 @@
     python bench/pareto/bench_pareto.py --models resnet20,mobilenetv2 --out runs/pareto
     python bench/pareto/bench_pareto.py --models test_small --target fake --data-limit 2000 --quick   # smoke
 
-Per model (Fashion-MNIST, 1x28x28, target ort-x86 by default): train the float model (or --weights-MODEL),
+Per model (Fashion-MNIST, 1x28x28, target ort-x86 by default): train the float model (or --weights MODEL=PATH),
 profile the LUT (missing entries only; reused on reruns), then build each method's front. Every plan of
 every method is scored by the same accuracy proxy (quantize_ + calibration on 256 training images, no
 fine-tuning; top-1 on a fixed val slice) so the fronts are comparable; SSPS's own supernet weights are
@@ -149,12 +149,12 @@ def reuse_front(path: str, stats_text: str = "") -> tuple[list, dict]:
 
 def run_model(name: str, a, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    weights = getattr(a, f"weights_{name}", None) if hasattr(a, f"weights_{name}") else None
+    weights = a.weights.get(name)
     cfg = LoopConfig(method="uniform", model=name, data=a.data, data_limit=a.data_limit, weights=weights,
                      pretrain_epochs=0 if weights else a.pretrain_epochs, target=a.target,
                      lut=a.lut or str(out / "lut.sqlite"), force_lut=a.force_lut,
                      profile_missing=True, budget="1.0x", warmup=a.warmup, repeat=a.repeat, seed=a.seed,
-                     progress=False)
+                     progress=False, candidates=tuple(c for c in a.candidates.split(",") if c))
     t0 = time.perf_counter()
     ctx = prepare(cfg)
     torch.save(ctx.model.state_dict(), out / "float.pt")
@@ -227,8 +227,8 @@ def main() -> None:
     ap.add_argument("--target", default="ort-x86")
     ap.add_argument("--out", default="runs/pareto")
     ap.add_argument("--pretrain-epochs", type=int, default=3)
-    ap.add_argument("--weights-resnet20", default=None)
-    ap.add_argument("--weights-mobilenetv2", default=None)
+    ap.add_argument("--weights", nargs="*", default=[], help="trained float weights per model: resnet20=PATH ...")
+    ap.add_argument("--candidates", default="", help="only these precisions, e.g. fp32,w8a8,w4a8 (default: all)")
     ap.add_argument("--eval-samples", type=int, default=600)
     ap.add_argument("--nemo-pop", type=int, default=20)
     ap.add_argument("--nemo-gens", type=int, default=5)
@@ -252,6 +252,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny settings: a smoke run of the script")
     a = ap.parse_args()
     a.reuse = {m: tuple(v.split(":", 1)) for m, v in (r.split("=", 1) for r in a.reuse)}
+    a.weights = dict(kv.split("=", 1) for kv in a.weights)
     if a.quick:
         a.pretrain_epochs, a.eval_samples, a.nemo_pop, a.nemo_gens, a.ilp_points = 1, 200, 8, 1, 3
         a.ssps_budgets, a.ssps_epochs, a.ssps_limit_batches, a.workers = [0.5], 2, 5, 0
