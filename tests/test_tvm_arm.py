@@ -40,6 +40,13 @@ def arm_server():
 
 def test_cross_compiled_layers_run_exactly_on_aarch64(arm_server, tmp_path):
     target = TvmTarget("arm-a76-dotprod", rpc=arm_server, work_dir=str(tmp_path), timeout_s=600)
+    try:
+        _check_layers_and_timing(target)
+    finally:
+        target.close()  # the server serves one session at a time
+
+
+def _check_layers_and_timing(target: TvmTarget) -> None:
     dev = target.device()
     assert dev.emulated and dev.details["llvm_get_system_triple"].startswith("aarch64")
     spec = LayerSpec("conv", "conv", 8, 8, (3, 3), (1, 1), (1, 1), in_hw=(6, 6), out_hw=(6, 6))
@@ -54,6 +61,74 @@ def test_cross_compiled_layers_run_exactly_on_aarch64(arm_server, tmp_path):
     assert run.error_msg is None and len(run.latencies_ms) == 3  # emulated timing: rows get emulated=True
 
 
+def _sdot_count(lib: str) -> int:
+    dis = subprocess.run(["aarch64-linux-gnu-objdump", "-d", lib], capture_output=True, text=True, check=True)
+    return sum(1 for ln in dis.stdout.splitlines() if "\tsdot\t" in ln)
+
+
+SDOT_SPECS = [
+    LayerSpec("conv3x3", "conv", 16, 16, (3, 3), (1, 1), (1, 1), in_hw=(8, 8), out_hw=(8, 8)),
+    LayerSpec("conv3x3_s2", "conv", 16, 32, (3, 3), (2, 2), (1, 1), in_hw=(8, 8), out_hw=(4, 4)),
+    LayerSpec("conv1x1", "conv", 32, 8, (1, 1), in_hw=(5, 5), out_hw=(5, 5)),
+    LayerSpec("stem_c1_o10", "conv", 1, 10, (3, 3), (1, 1), (1, 1), in_hw=(6, 6), out_hw=(6, 6)),
+    LayerSpec("linear", "linear", 64, 12),
+    LayerSpec("linear_o10", "linear", 24, 10, batch=2),
+]
+
+
+def test_dotprod_int8_layers_use_sdot_and_are_exact_on_aarch64(arm_server, tmp_path):
+    """arm-a76-dotprod: the profiled w8a8 conv/linear .so holds sdot and equals the integer reference on
+    the (emulated) aarch64 server; arm-a72 (no dotprod) and depthwise keep the Relax kernel."""
+    a76 = TvmTarget("arm-a76-dotprod", rpc=arm_server, work_dir=str(tmp_path), timeout_s=600)
+    try:
+        counts = _check_sdot_layers(a76)
+    finally:
+        a76.close()  # the server serves one session at a time
+    print("sdot per .so:", counts)
+    assert all(n > 0 for n in counts.values()), counts
+    dw = LayerSpec("dw", "dwconv", 16, 16, (3, 3), (1, 1), (1, 1), groups=16, in_hw=(6, 6), out_hw=(6, 6))
+    a72 = TvmTarget("arm-a72", work_dir=str(tmp_path))
+    for target, spec in ((a76, dw), (a72, SDOT_SPECS[0])):
+        build = target.build_layer(spec, W8A8)
+        assert build.error_msg is None and _sdot_count(json.loads(build.artifact)["lib"]) == 0
+
+
+def _check_sdot_layers(a76: TvmTarget) -> dict[str, int]:
+    assert a76.device().details["int8_kernel"] == "sdot-4x4"
+    counts = {}
+    for spec in SDOT_SPECS:
+        build = a76.build_layer(spec, W8A8)
+        assert build.error_msg is None, build.error_msg
+        art = json.loads(build.artifact)
+        counts[spec.fqn] = _sdot_count(art["lib"])
+        x = np.load(art["inputs"])["arr_0"]
+        assert x.dtype == np.uint8  # hwmpq's post-ReLU codes: the shifted path
+        out = R.outputs_remote(a76._pool.get(), art["lib"], [x])
+        ref = L.reference_int_layer(x, spec, L.random_int_params(spec, W8A8))
+        np.testing.assert_array_equal(out, ref)
+        assert len(np.unique(ref)) > 2
+    return counts
+
+
+def test_dotprod_export_uses_sdot_and_matches_torch_on_aarch64(arm_server, tmp_path):
+    from hwmpq.zoo import create_model
+
+    torch.manual_seed(0)
+    model = create_model("test_tiny").eval()
+    plan = BitPlan.from_dict({n: W8A8 for n in ("conv1", "conv2", "dw", "pw", "fc")})
+    target = TvmTarget("arm-a76-dotprod", rpc=arm_server, work_dir=str(tmp_path / "w"), timeout_s=600)
+    try:
+        res = target.export(model, plan, torch.randn(1, 1, 8, 8), str(tmp_path / "out"))
+    finally:
+        target.close()
+    manifest = json.loads(Path(res.manifest).read_text())
+    print("export verification:", manifest["verification"], "sdot in model.so:", _sdot_count(res.artifact))
+    assert manifest["verification"]["ok"] and manifest["emulated"], manifest["verification"]
+    assert manifest["verification"]["max_lsb"] < 1e-6  # fixed seed: exactly torch's codes (observed 0.0)
+    assert manifest["sdot_layers"] == ["conv1", "conv2", "pw", "fc"]  # dw: the Relax kernel
+    assert _sdot_count(res.artifact) > 0
+
+
 def test_exported_model_matches_torch_on_aarch64(arm_server, tmp_path):
     from hwmpq.zoo import create_model
 
@@ -62,7 +137,10 @@ def test_exported_model_matches_torch_on_aarch64(arm_server, tmp_path):
     plan = BitPlan.from_dict({"conv1": W8A8, "conv2": Precision(2, 2), "dw": W8A8, "pw": Precision(4, 4),
                               "fc": FP32})
     target = TvmTarget("arm-a72", rpc=arm_server, work_dir=str(tmp_path / "w"), timeout_s=600)
-    res = target.export(model, plan, torch.randn(1, 1, 8, 8), str(tmp_path / "out"))
+    try:
+        res = target.export(model, plan, torch.randn(1, 1, 8, 8), str(tmp_path / "out"))
+    finally:
+        target.close()
     manifest = json.loads(Path(res.manifest).read_text())
     assert manifest["verification"]["ok"] and manifest["emulated"], manifest["verification"]
     assert "aarch64" in subprocess.run(["file", res.artifact], capture_output=True, text=True).stdout

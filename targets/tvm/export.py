@@ -31,6 +31,7 @@ from .layers import (
     emit_quantize,
     int_params,
     is_bitserial,
+    uses_sdot,
 )
 
 
@@ -56,26 +57,25 @@ def _quant_params(q: QuantLayer):
     return p, s_in, s_out, q.in_quant.range
 
 
-def _emit_quant_layer(bb, x, fqn: str, q: QuantLayer, spec):
+def _emit_quant_layer(bb, x, fqn: str, q: QuantLayer, spec, dotprod: bool):
     p, s_in, s_out, (qmin, qmax) = _quant_params(q)
     if q.precision != W8A8 and not is_bitserial(q.precision):
         raise ExportError(f"layer {fqn!r}: {q.precision.label} has no TVM integer kernel; use w8a8 or bitserial")
     conv = spec.kind != "linear"
     xq = emit_quantize(bb, x, s_in, (qmin, qmax), p.in_dtype, conv)
-    emit = emit_int8_layer if q.precision == W8A8 else emit_bitserial_layer
     try:
-        yq = emit(bb, xq, spec, p)
+        yq = emit_int8_layer(bb, xq, spec, p, dotprod) if q.precision == W8A8 else emit_bitserial_layer(bb, xq, spec, p)
     except ValueError as e:
         raise ExportError(f"layer {fqn!r} at {q.precision.label}: {e}") from None
     return emit_dequantize(bb, yq, s_out, conv)
 
 
-def _emit_module(bb, x, mod: nn.Module, name: str, specs):
+def _emit_module(bb, x, mod: nn.Module, name: str, specs, dotprod: bool):
     from tvm import relax
 
     op = relax.op
     if isinstance(mod, QuantLayer):
-        return _emit_quant_layer(bb, x, name, mod, specs[name])
+        return _emit_quant_layer(bb, x, name, mod, specs[name], dotprod)
     if isinstance(mod, (nn.Conv2d, nn.Linear)):
         b = None if mod.bias is None else mod.bias.detach().numpy()
         return emit_float_layer(bb, x, specs[name], mod.weight.detach().numpy(), b)
@@ -116,8 +116,9 @@ def _emit_call(bb, node: fx.Node, args, batch: int):
     raise ExportError(f"operation {node.target!r} (node {node.name!r}) has no TVM export rule")
 
 
-def build_relax(qmodel: nn.Module, example: torch.Tensor, specs) -> object:
-    """The quantized model (after ``quantize_`` and calibration) as a Relax IRModule."""
+def build_relax(qmodel: nn.Module, example: torch.Tensor, specs, dotprod: bool = False) -> object:
+    """The quantized model (after ``quantize_`` and calibration) as a Relax IRModule (``dotprod``: w8a8
+    dense conv / linear layers through sdot, as the profiler builds them for a ``+dotprod`` preset)."""
     from tvm import relax
 
     graph = _Tracer().trace(qmodel)
@@ -133,7 +134,8 @@ def build_relax(qmodel: nn.Module, example: torch.Tensor, specs) -> object:
                 if node.op == "placeholder":
                     env[node.name] = x
                 elif node.op == "call_module":
-                    env[node.name] = _emit_module(bb, args[0], modules[node.target], node.target, specs)
+                    env[node.name] = _emit_module(bb, args[0], modules[node.target], node.target, specs,
+                                                 dotprod)
                 elif node.op in ("call_function", "call_method"):
                     env[node.name] = _emit_call(bb, node, args, int(example.shape[0]))
                 elif node.op == "output":
@@ -180,7 +182,8 @@ def export_model(target, model: nn.Module, plan: BitPlan, example_input: torch.T
         plan.validate_against(list(specs), allowed)
     except ValueError as e:
         raise ExportError(f"plan does not fit {target.id}: {e}") from None
-    mod = build_relax(qmodel, example_input, specs)
+    dotprod = target.preset.dotprod
+    mod = build_relax(qmodel, example_input, specs, dotprod)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -195,7 +198,9 @@ def export_model(target, model: nn.Module, plan: BitPlan, example_input: torch.T
     manifest = {
         "target": target.id, "preset_target": dict(target.preset.target), "device": target.device().fingerprint,
         "emulated": target.device().emulated, "plan": to_jsonable(plan), "integer_layers": list(integer),
-        "float_layers": list(floats), "scales": _scales(qmodel), "verification": check, "build_s": build_s,
+        "float_layers": list(floats),
+        "sdot_layers": [n for n in integer if layers[n].precision == W8A8 and uses_sdot(specs[n], dotprod)],
+        "scales": _scales(qmodel), "verification": check, "build_s": build_s,
         "tune_trials": target.tune_trials, "input_shape": list(example_input.shape),
         "versions": {"tvm": target.device().details.get("tvm_client", ""), "torch": torch.__version__},
         "time_unix": time.time(), **{k: v for k, v in options.items() if isinstance(v, (int, float, str))},

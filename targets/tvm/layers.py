@@ -5,19 +5,22 @@ ReLU, else int8), per-output-channel symmetric weight codes ``w_q``, ``acc = con
 ``acc += round_half_even(bias / (s_in * s_w))`` (int32), then requantize in float32:
 ``out_q = clip(round_half_even(float32(acc) * float32(s_in * s_w / s_out)), qmin, qmax)`` as int8.
 TVM's ``round`` is round-half-to-even (checked in tests). Integer layers are NHWC (OHWI weights) so a
-``+dotprod`` target can tensorize to sdot. Bitserial layers use TOPI's unsigned x unsigned
+``+dotprod`` target can tensorize to sdot: with ``dotprod=True`` (the arm-a76-dotprod preset) dense convs
+and linear layers accumulate through the sdot kernel of sdot.py (depthwise keeps the Relax kernel).
+Bitserial layers use TOPI's unsigned x unsigned
 ``bitserial_conv2d_nhwc`` / ``bitserial_dense`` on offset weights ``w_u = w_q + 2^(w_bits-1)`` and
 subtract ``2^(w_bits-1) * boxsum(x_q)`` (an int32 one-channel conv) to get the signed product exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from hwmpq.records import LayerSpec, Precision
 
+from . import sdot
 from .presets import BITSERIAL_PRECISIONS
 
 
@@ -89,9 +92,18 @@ def _requantize(bb, acc, p: IntLayerParams):
     return bb.emit(relax.op.astype(relax.op.clip(relax.op.round(f), lo, hi), "int8"))
 
 
-def emit_int8_layer(bb, xq, spec: LayerSpec, p: IntLayerParams):
-    """int8/uint8 x int8 -> int32 (+bias) -> requantized int8 codes. ``xq``: NHWC (linear: N,C) codes."""
+def uses_sdot(spec: LayerSpec, dotprod: bool) -> bool:
+    """Whether :func:`emit_int8_layer` builds this layer with the sdot kernel."""
+    return dotprod and sdot.supports(spec)
+
+
+def emit_int8_layer(bb, xq, spec: LayerSpec, p: IntLayerParams, dotprod: bool = False):
+    """int8/uint8 x int8 -> int32 (+bias) -> requantized int8 codes. ``xq``: NHWC (linear: N,C) codes.
+    ``dotprod``: the target has ``+dotprod``; dense conv and linear then accumulate through sdot."""
     relax = _rx()
+    if uses_sdot(spec, dotprod):
+        acc, bias = sdot.emit_acc(bb, xq, spec, p)
+        return _requantize(bb, acc, replace(p, bias_i32=bias))
     if spec.kind == "linear":
         w = relax.const(np.ascontiguousarray(p.w_q.T))
         acc = bb.emit(relax.op.matmul(xq, w, out_dtype="int32"))
@@ -216,13 +228,14 @@ def emit_glue(bb, y, nhwc: bool, src: Precision, dst: Precision):
     return y
 
 
-def transition_module(shape: tuple[int, ...], src: Precision, dst: Precision, seed: int = 0):
+def transition_module(shape: tuple[int, ...], src: Precision, dst: Precision, seed: int = 0,
+                      dotprod: bool = False):
     """(IRModule, [example input]) of the chain ``stand_in(src) -> glue -> stand_in(dst)``, each stand-in
     built exactly like its single-layer row (same seed, same I/O). Its time C(src, dst) minus the
     stand-ins' rows is what a layer boundary costs in an exported model (lut/model.py)."""
     spec = stand_in_spec(shape)
-    emit_a, x, _ = _layer_emitter(spec, src, seed)
-    emit_b, _, _ = _layer_emitter(spec, dst, seed)
+    emit_a, x, _ = _layer_emitter(spec, src, seed, dotprod)
+    emit_b, _, _ = _layer_emitter(spec, dst, seed, dotprod)
     nhwc = spec.kind != "linear"
     return _wrap(lambda bb, v: emit_b(bb, emit_glue(bb, emit_a(bb, v), nhwc, src, dst)), x), [x]
 
@@ -259,7 +272,7 @@ def _reference_layer(x: np.ndarray, spec: LayerSpec, precision: Precision, seed:
     return y.float().numpy()
 
 
-def _layer_emitter(spec: LayerSpec, precision: Precision, seed: int = 0):
+def _layer_emitter(spec: LayerSpec, precision: Precision, seed: int = 0, dotprod: bool = False):
     """(emit(bb, x) -> output, example input, params) for one layer with random shape-true parameters:
     float NCHW (linear: N,C) in and out; integer NHWC codes in (uint8) and out (int8). ``params`` is
     (weight, bias) for float, :class:`IntLayerParams` for integer layers."""
@@ -274,7 +287,7 @@ def _layer_emitter(spec: LayerSpec, precision: Precision, seed: int = 0):
     p = random_int_params(spec, precision, seed)
     x = int_input(spec, p, seed + 1)
     if precision == Precision(8, 8):
-        emit = emit_int8_layer
+        return (lambda bb, v: emit_int8_layer(bb, v, spec, p, dotprod)), x, p
     elif is_bitserial(precision):
         _check_bitserial(spec, p)  # before the builder opens a function: a clean error, no dangling blocks
         emit = emit_bitserial_layer
@@ -284,9 +297,10 @@ def _layer_emitter(spec: LayerSpec, precision: Precision, seed: int = 0):
     return (lambda bb, v: emit(bb, v, spec, p)), x, p
 
 
-def single_layer_module(spec: LayerSpec, precision: Precision, seed: int = 0):
-    """(IRModule with ``main``, [example input]) for profiling one layer at ``precision``."""
-    emit, x, _ = _layer_emitter(spec, precision, seed)
+def single_layer_module(spec: LayerSpec, precision: Precision, seed: int = 0, dotprod: bool = False):
+    """(IRModule with ``main``, [example input]) for profiling one layer at ``precision`` (``dotprod``:
+    build int8 the way a ``+dotprod`` preset deploys it, see :func:`emit_int8_layer`)."""
+    emit, x, _ = _layer_emitter(spec, precision, seed, dotprod)
     return _wrap(emit, x), [x]
 
 

@@ -41,6 +41,11 @@ class TvmPreset:
     def is_host(self) -> bool:
         return self.cross_compiler is None
 
+    @property
+    def dotprod(self) -> bool:
+        """The target has ``+dotprod``: int8 dense conv and linear layers are built with sdot (sdot.py)."""
+        return "+dotprod" in self.target.get("mattr", ())
+
 
 def _arm(mcpu: str | None, mattr: tuple[str, ...], cores: int = 4) -> dict[str, object]:
     target: dict[str, object] = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": list(mattr),

@@ -49,6 +49,10 @@ class TvmTarget:
             details["preset"] = self.preset.name
             details["tvm_target"] = str(self.tvm_target)  # resolved (host: mcpu/mattr from cpuinfo)
             details["tvm_client"] = _tvm_version()
+            if self.preset.dotprod:  # int8 rows measure the sdot kernel: not comparable with older rows
+                from .sdot import KERNEL_NAME
+
+                details["int8_kernel"] = KERNEL_NAME
             emulated = details.get("emulated_guess") == "True" if self._emulated is None else self._emulated
             details["emulated"] = str(emulated)
             stable = {k: v for k, v in details.items() if k != "emulated_guess"}
@@ -77,7 +81,9 @@ class TvmTarget:
                                      f"allowed: {[p.label for p in self.precisions.for_layer(spec)]}")
         from .layers import single_layer_module
 
-        return self._build(f"{spec.signature}-{precision.label}", lambda: single_layer_module(spec, precision),
+        dotprod = self.preset.dotprod
+        return self._build(f"{spec.signature}-{precision.label}",
+                           lambda: single_layer_module(spec, precision, dotprod=dotprod),
                            f"building {spec.fqn or spec.signature} at {precision.label}")
 
     def build_transition(self, shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult:
@@ -95,7 +101,7 @@ class TvmTarget:
                                          f"({spec.kind}); allowed: {[q.label for q in self.precisions.for_layer(spec)]}")
         dims = "x".join(map(str, spec.input_shape))
         return self._build(f"transition-{dims}-{src.label}-{dst.label}",
-                           lambda: transition_module(shape, src, dst),
+                           lambda: transition_module(shape, src, dst, dotprod=self.preset.dotprod),
                            f"building the transition {dims} {src.label}->{dst.label}")
 
     def transition_stand_in(self, shape: tuple[int, ...]) -> LayerSpec:
@@ -107,7 +113,7 @@ class TvmTarget:
     def _build(self, name: str, make, what: str) -> BuildResult:
         """Compile ``make() -> (IRModule, inputs)`` once into ``layers/PRESET/name/`` (reused if present)."""
         out = self.work_dir / "layers" / self.preset.name / name
-        lib = out / f"t{self.tune_trials}.so"
+        lib = out / f"t{self.tune_trials}{'-sdot' if self.preset.dotprod else ''}.so"  # a new kernel: rebuild
         try:
             mod, inputs = make()
             if not lib.exists():
