@@ -85,6 +85,14 @@ def run_model(model: str, args, workdir: Path) -> list[dict]:
     return rows
 
 
+def earlier_rows(src: Path) -> list[dict]:
+    """Rows of an earlier run: ``DIR/search_bench.json``, or the JSON lines an interrupted run printed to
+    its log (one per finished row)."""
+    if src.is_dir():
+        return json.loads((src / "search_bench.json").read_text())["rows"]
+    return [json.loads(line) for line in src.read_text().splitlines() if line.startswith('{"model"')]
+
+
 def remeasure(rows: list[dict], warmup: int, repeat: int, rounds: int) -> None:
     """Time every exported model again in ONE interleaved run (``rounds`` slices of ``repeat``), so that
     the latencies in the table are comparable: the in-loop measurement of each row (kept as
@@ -149,9 +157,10 @@ def main() -> None:
     p.add_argument("--weights", nargs="*", default=[], help="trained float weights per model: resnet20=PATH ...")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads (ORT timing always uses 1)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the final re-measurement")
-    p.add_argument("--remeasure-only", nargs="*", default=None, metavar="DIR",
-                   help="no search: re-measure the exports listed in DIR/search_bench.json (one interleaved run, "
-                   "e.g. on a quiet machine) and write the merged table to --out")
+    p.add_argument("--remeasure-only", nargs="*", default=None, metavar="DIR_OR_LOG",
+                   help="no search: re-measure the exports listed in DIR/search_bench.json or in the rows an "
+                   "interrupted run printed to its LOG (one interleaved run, e.g. on a quiet machine) and write "
+                   "the merged table to --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/search/results")
     args = p.parse_args()
@@ -162,7 +171,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if args.remeasure_only:
-        rows = [r for d in args.remeasure_only for r in json.loads(Path(d, "search_bench.json").read_text())["rows"]]
+        rows = [r for src in args.remeasure_only for r in earlier_rows(Path(src))]
     else:
         rows = [r for m in args.models.split(",") for r in run_model(m, args, out)]
     remeasure(rows, args.warmup, args.repeat, args.rounds)
