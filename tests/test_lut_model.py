@@ -166,3 +166,15 @@ def test_the_session_overhead_is_required_only_from_targets_that_can_measure_it(
 
         with pytest.raises(MissingEntriesError, match="<session overhead>@fp32"):
             build_table(store, [B], [], CFG, Measures())
+
+
+def test_a_boundary_never_gets_a_negative_cost(hand_store):
+    # a chain row timed fast (or its homogeneous neighbours slow) would give C(a,b) - mean(C(a,a), C(b,b)) < 0;
+    # a search would exploit that, so the boundary cost is clamped at 0 like the diagonal
+    store, target = hand_store
+    store.add(row("transition", EDGE.signature, W8, 0.01, src=FP32))
+    table = build_table(store, [A, B], [EDGE], CFG, target)
+    f, q = table.candidates.index(FP32), table.candidates.index(W8)
+    (_, _, t), = table.transitions
+    assert t[f, q] == 0.0 and t[q, f] > 0
+    assert table.predict(BitPlan.from_dict({"a": FP32, "b": W8}))[0] >= 1.0 + 0.2 + 0.01
