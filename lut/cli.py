@@ -243,7 +243,7 @@ def validate_command(
     try:
         with LutStore.read(lut) as peek:
             target_id = peek.target
-            lut_config = dataclasses.replace(_main_config(peek, threads), statistic=statistic)
+            lut_config = dataclasses.replace(main_config(peek, threads), statistic=statistic)
         target = get_target(target_id, threads=threads)
         net, x, _, _ = _load(model, input_shape)
         store = LutStore.open(lut, target=target.id, device=target.device(), force=force)
@@ -264,7 +264,7 @@ def validate_command(
         _console().print(f"report written to {json_out}")
 
 
-def _main_config(store, threads: int):
+def main_config(store, threads: int):
     """The measurement protocol of most of the LUT's rows at this thread count (lookups need the same)."""
     import dataclasses
     from collections import Counter
