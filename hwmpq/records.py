@@ -188,15 +188,13 @@ class MeasureConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def quote(self, latencies_ms: Iterable[float]) -> float:
-        """The quoted statistic of raw samples (p10 by linear interpolation, as numpy's default)."""
-        a = sorted(float(v) for v in latencies_ms)
+        """The quoted statistic of raw samples (p10 interpolated as numpy's default percentile)."""
+        a = [float(v) for v in latencies_ms]
         if not a:
             raise ValueError("no latencies to quote")
-        if self.statistic == "median":
+        if self.statistic == "median" or len(a) == 1:
             return statistics.median(a)
-        pos = 0.1 * (len(a) - 1)
-        lo = int(pos)
-        return a[lo] + (a[min(lo + 1, len(a) - 1)] - a[lo]) * (pos - lo)
+        return statistics.quantiles(a, n=10, method="inclusive")[0]
 
 
 @dataclass(frozen=True)

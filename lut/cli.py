@@ -271,7 +271,8 @@ def main_config(store, threads: int):
 
     from hwmpq.records import MeasureConfig
 
-    configs = Counter(dataclasses.replace(m.config, statistic="p10") for m in store.measurements(all_rows=True)
+    default = MeasureConfig().statistic  # rows differing only in the statistic share one protocol
+    configs = Counter(dataclasses.replace(m.config, statistic=default) for m in store.measurements(all_rows=True)
                       if m.config.threads == threads)
     return configs.most_common(1)[0][0] if configs else MeasureConfig(threads=threads)
 

@@ -128,10 +128,10 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
     with tempfile.TemporaryDirectory(prefix="hwmpq-validate-") as tmp:
         exports = [export_plan(target, model, plan, example_input, f"{tmp}/plan{k}") for k, plan in enumerate(plans)]
         timed = measure_interleaved(target, exports, measure_config or config)
-    for plan, (med, p10, p90, err) in zip(plans, timed, strict=True):
+    for plan, (quoted, p10, p90, err) in zip(plans, timed, strict=True):
         predicted, _ = table.predict(plan)
-        pct = None if med is None else (predicted - med) / med * 100
-        results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, med, p10, p90, pct, err))
+        pct = None if quoted is None else (predicted - quoted) / quoted * 100
+        results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, quoted, p10, p90, pct, err))
     errs = [abs(r.error_pct) for r in results if r.error_pct is not None]
     report = ValidationReport(
         target.id, model_name or type(model).__name__, asdict(config), tuple(results),

@@ -49,3 +49,31 @@ def tiny_trained(_tiny_trained_state: dict[str, torch.Tensor]) -> torch.nn.Modul
     model = create_model("test_tiny", in_chans=1)
     model.load_state_dict(_tiny_trained_state)
     return model.eval()
+
+
+@pytest.fixture
+def tiny_ort(tmp_path):
+    """test_tiny on a real 1-thread ort-x86 target with an empty LUT store: ``.profile(config)`` fills it
+    (layers, stand-ins, transitions, overhead). Store closed and target cleaned up afterwards."""
+    from types import SimpleNamespace
+
+    from hwmpq.lut.model import edges_through_merges, profiling_specs
+    from hwmpq.lut.store import LutStore
+    from hwmpq.profilers.runner import profile
+    from hwmpq.targets.ort.target import OrtTarget
+
+    from hwmpq.graph import analyse
+    from hwmpq.zoo import create_model
+
+    model = create_model("test_tiny").eval()
+    x = torch.zeros(1, 1, 8, 8)
+    specs, _ = analyse(model, x)
+    edges = edges_through_merges(model, x)
+    target = OrtTarget(threads=1)
+    store = LutStore.open(tmp_path / "ort.lut", target=target.id, device=target.device())
+    ns = SimpleNamespace(model=model, x=x, specs=specs, edges=edges, target=target, store=store)
+    ns.profile = lambda config: profile(profiling_specs(specs, edges, target), edges, target, store, config,
+                                        progress=False)
+    yield ns
+    store.close()
+    target.cleanup()

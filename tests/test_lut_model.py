@@ -12,11 +12,9 @@ from hwmpq.lut.model import (
     MissingEntriesError,
     build_table,
     edges_through_merges,
-    profiling_specs,
 )
 from hwmpq.lut.store import LutStore
 from hwmpq.targets.base import DeviceInfo, TargetPrecisions
-from hwmpq.targets.ort.target import OrtTarget
 
 from hwmpq.graph import analyse
 from hwmpq.records import FP32, BitPlan, Edge, LayerSpec, MeasureConfig, Measurement, Precision
@@ -116,26 +114,17 @@ def test_edges_cross_residual_adds():
 
 
 @pytest.mark.slow
-def test_table_from_a_real_ort_profile(tmp_path):
-    from hwmpq.profilers.runner import profile
-
-    model = create_model("test_tiny").eval()
-    x = torch.zeros(1, 1, 8, 8)
-    specs, _ = analyse(model, x)
-    edges = edges_through_merges(model, x)
-    target = OrtTarget(threads=1)
-    store = LutStore.open(tmp_path / "ort.lut", target=target.id, device=target.device())
+def test_table_from_a_real_ort_profile(tiny_ort):
+    t = tiny_ort
     with pytest.raises(MissingEntriesError):
-        build_table(store, specs, edges, CFG, target)
-    profile(profiling_specs(specs, edges, target), edges, target, store, CFG, progress=False)
-    table = build_table(store, specs, edges, CFG, target)
+        build_table(t.store, t.specs, t.edges, CFG, t.target)
+    t.profile(CFG)
+    table = build_table(t.store, t.specs, t.edges, CFG, t.target)
     assert table.layer_ms.shape == (5, len(table.candidates))
     assert np.isfinite(table.layer_ms[4]).all()  # the linear layer allows every candidate
     assert np.isinf(table.layer_ms[0, table.candidates.index(Precision(4, 32))])  # conv: no w4a32
-    lat, energy = table.predict(BitPlan.uniform([s.fqn for s in specs], W8))
+    lat, energy = table.predict(BitPlan.uniform([s.fqn for s in t.specs], W8))
     assert lat > table.constant_ms > 0 and energy > 0
-    store.close()
-    target.cleanup()
 
 
 def test_the_table_quotes_the_configured_statistic(tmp_path):

@@ -179,6 +179,10 @@ def test_the_statistic_is_how_rows_are_read_not_part_of_the_protocol_key():
     samples = [5.0, 1.0, 4.0, 2.0, 3.0, 100.0]
     assert MeasureConfig(statistic="median").quote(samples) == pytest.approx(np.median(samples))
     assert MeasureConfig(statistic="p10").quote(samples) == pytest.approx(np.percentile(samples, 10))
+    rng = np.random.default_rng(0)
+    for n in range(1, 40):  # the same p10 as the ORT timing summary (numpy's percentile), at every size
+        x = rng.exponential(size=n).tolist()
+        assert MeasureConfig(statistic="p10").quote(x) == pytest.approx(np.percentile(x, 10))
     m = Measurement("s", P88, "t", "d", latency_ms=2.0, p10_ms=1.5)
     assert (m.quoted_ms("p10"), m.quoted_ms("median")) == (1.5, 2.0)
     assert Measurement("s", P88, "t", "d", latency_ms=None, error_msg="boom").quoted_ms("p10") is None

@@ -110,18 +110,23 @@ def _check_sdot_layers(a76: TvmTarget) -> dict[str, int]:
     return counts
 
 
-def test_dotprod_export_uses_sdot_and_matches_torch_on_aarch64(arm_server, tmp_path):
+def _export_tiny(arm_server, tmp_path, preset: str, plan: BitPlan):
+    """test_tiny (seeded) exported for ``preset`` over the emulated server: (ExportResult, manifest dict)."""
     from hwmpq.zoo import create_model
 
     torch.manual_seed(0)
     model = create_model("test_tiny").eval()
-    plan = BitPlan.from_dict({n: W8A8 for n in ("conv1", "conv2", "dw", "pw", "fc")})
-    target = TvmTarget("arm-a76-dotprod", rpc=arm_server, work_dir=str(tmp_path / "w"), timeout_s=600)
+    target = TvmTarget(preset, rpc=arm_server, work_dir=str(tmp_path / "w"), timeout_s=600)
     try:
         res = target.export(model, plan, torch.randn(1, 1, 8, 8), str(tmp_path / "out"))
     finally:
         target.close()
-    manifest = json.loads(Path(res.manifest).read_text())
+    return res, json.loads(Path(res.manifest).read_text())
+
+
+def test_dotprod_export_uses_sdot_and_matches_torch_on_aarch64(arm_server, tmp_path):
+    plan = BitPlan.from_dict({n: W8A8 for n in ("conv1", "conv2", "dw", "pw", "fc")})
+    res, manifest = _export_tiny(arm_server, tmp_path, "arm-a76-dotprod", plan)
     print("export verification:", manifest["verification"], "sdot in model.so:", _sdot_count(res.artifact))
     assert manifest["verification"]["ok"] and manifest["emulated"], manifest["verification"]
     assert manifest["verification"]["max_lsb"] < 1e-6  # fixed seed: exactly torch's codes (observed 0.0)
@@ -130,17 +135,8 @@ def test_dotprod_export_uses_sdot_and_matches_torch_on_aarch64(arm_server, tmp_p
 
 
 def test_exported_model_matches_torch_on_aarch64(arm_server, tmp_path):
-    from hwmpq.zoo import create_model
-
-    torch.manual_seed(0)
-    model = create_model("test_tiny").eval()
     plan = BitPlan.from_dict({"conv1": W8A8, "conv2": Precision(2, 2), "dw": W8A8, "pw": Precision(4, 4),
                               "fc": FP32})
-    target = TvmTarget("arm-a72", rpc=arm_server, work_dir=str(tmp_path / "w"), timeout_s=600)
-    try:
-        res = target.export(model, plan, torch.randn(1, 1, 8, 8), str(tmp_path / "out"))
-    finally:
-        target.close()
-    manifest = json.loads(Path(res.manifest).read_text())
+    res, manifest = _export_tiny(arm_server, tmp_path, "arm-a72", plan)
     assert manifest["verification"]["ok"] and manifest["emulated"], manifest["verification"]
     assert "aarch64" in subprocess.run(["file", res.artifact], capture_output=True, text=True).stdout
