@@ -21,6 +21,7 @@ and requantizes too) for the best fidelity; ``hwmpq.graph.analyse`` edges stop a
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -111,13 +112,15 @@ def transition_matrix(store, edge: Edge, cands, allowed_src, allowed_dst, config
                       stand_in: LayerSpec | None) -> tuple[np.ndarray, int]:
     """[P, P] matrix T_e (zeros where unmeasured) and how many entries were missing.
 
-    Homogeneous edges: ``T[a, a] = max(0, C(a, a) - 2 S(a) + overhead)`` (the glue an isolated layer row
-    does not include, e.g. int16 DQ/Q; a negative value is a layout change the isolated rows pay and the
-    chain saves, which ORT shares between all edges of a tensor, so it is not credited per edge).
-    Boundaries: ``T[a, b] = max(0, C(a, b) - (C(a, a) + C(b, b)) / 2 + (T[a, a] + T[b, b]) / 2)``: never
-    negative, for the same reason, and because a search optimises against the table: one chain row timed
-    during a slow spell (seen here: a -0.95 ms entry, as large as a whole mobilenetv2_050) made an ILP
-    plan predict 0.26 ms against 0.97 ms for fp32. Without stand-in rows S the diagonal is 0."""
+    With stand-in rows S: ``T[a, b] = C(a, b) - S(a) - S(b) + overhead``, so that the isolated rows of
+    the two layers plus T reproduce the chain. On a homogeneous edge this is the glue an isolated row
+    does not include (int16 DQ/Q: positive) or pays and the chain saves (float NCHWc reorders, which
+    a chain of float convs does once: negative; bench/ort/README.md, "Shared layout changes"), bounded
+    below by ``overhead - S(a)`` (an edge cannot save more than a whole stand-in). A boundary is
+    clamped at >= 0: a search optimises against the table, and one chain row timed in a slow spell
+    once made a -0.95 ms entry, as large as a whole mobilenetv2_050, and an ILP plan predicted at
+    0.26 ms against 0.97 ms for fp32. Without stand-in rows the diagonal is 0 and a boundary costs
+    ``C(a, b) - (C(a, a) + C(b, b)) / 2``."""
     t = np.zeros((len(cands), len(cands)))
     missing = 0
     ps = set(allowed_src) | set(allowed_dst)
@@ -125,8 +128,9 @@ def transition_matrix(store, edge: Edge, cands, allowed_src, allowed_dst, config
     chain = {p: _chain_ms(store, edge, p, p, config) for p in ps}
     chain = {p: (c if c is not None else (fp if p.a_bits == 32 else None)) for p, c in chain.items()}
     solo = {p: _ok_latency(store.get("layer", stand_in.signature, p, config), config) for p in ps} if stand_in else {}
-    glue = {p: (max(0.0, chain[p] - 2 * solo[p] + overhead_ms)
-                if chain[p] is not None and solo.get(p) is not None else 0.0) for p in ps}
+    has_solo = {p: chain[p] is not None and solo.get(p) is not None for p in ps}
+    glue = {p: (max(chain[p] - 2 * solo[p] + overhead_ms, overhead_ms - solo[p]) if has_solo[p] else 0.0)
+            for p in ps}
     for a in allowed_src:
         for b in allowed_dst:
             if a == b:
@@ -136,8 +140,18 @@ def transition_matrix(store, edge: Edge, cands, allowed_src, allowed_dst, config
             if c is None or chain[a] is None or chain[b] is None:
                 missing += 1
                 continue
-            t[cands.index(a), cands.index(b)] = max(0.0, c - (chain[a] + chain[b]) / 2 + (glue[a] + glue[b]) / 2)
+            cost = (c - solo[a] - solo[b] + overhead_ms if has_solo[a] and has_solo[b]
+                    else c - (chain[a] + chain[b]) / 2)
+            t[cands.index(a), cands.index(b)] = max(cost, 0.0)
     return t, missing
+
+
+def sharing_weights(edges: Sequence[Edge]) -> dict[tuple[str, str], float]:
+    """Per edge, the share of its transition cost it carries: half is the producer's side (paid once
+    however many layers read the tensor), half the consumer's (paid once however many producers feed it
+    through a merge): ``(1 / fan_out(src) + 1 / fan_in(dst)) / 2``; 1 on a plain chain."""
+    fan_out, fan_in = Counter(e.src for e in edges), Counter(e.dst for e in edges)
+    return {(e.src, e.dst): 0.5 / fan_out[e.src] + 0.5 / fan_in[e.dst] for e in edges}
 
 
 def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config: MeasureConfig, target, *,
@@ -157,17 +171,17 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
     if missing:
         raise MissingEntriesError(missing)
     index = {s.fqn: i for i, s in enumerate(specs)}
+    edges = [e for e in edges if e.src in index and e.dst in index]
+    share = sharing_weights(edges)
     transitions, n_missing, n_total = [], 0, 0
     for e in edges:
-        if e.src not in index or e.dst not in index:
-            continue
         i, j = index[e.src], index[e.dst]
         allowed_i, allowed_j = target.precisions.for_layer(specs[i]), target.precisions.for_layer(specs[j])
         stand_in = target.transition_stand_in(e.tensor_shape) if hasattr(target, "transition_stand_in") else None
         t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config, overhead_ms or 0.0, stand_in)
         n_missing += miss
         n_total += len(allowed_i) * len(allowed_j)
-        transitions.append((i, j, t))
+        transitions.append((i, j, t * share[(e.src, e.dst)]))
     if n_missing:
         warnings.warn(f"{n_missing} of {n_total} transition entries are not in the LUT (counted as 0 ms); "
                       "run `hwmpq profile` with transitions to measure them", stacklevel=2)

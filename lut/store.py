@@ -267,10 +267,15 @@ class LutStore:
                                (*key, before + 1, time.time()))
         return before
 
-    def job_abandoned(self, m: Measurement) -> None:
-        """The job keyed like ``m`` stopped without a crash (interrupt, dead device): forget the attempt."""
+    def job_abandoned(self, m: Measurement, earlier_crashes: int = 0) -> None:
+        """The job keyed like ``m`` stopped without a crash (interrupt, dead device, or one round of it
+        done): forget the attempt, keeping ``earlier_crashes`` (what :meth:`job_started` returned)."""
+        key = _job_key(m)
         with self._transaction():
-            self._conn.execute(_INFLIGHT_WHERE.replace("SELECT attempts FROM", "DELETE FROM"), _job_key(m))
+            self._conn.execute(_INFLIGHT_WHERE.replace("SELECT attempts FROM", "DELETE FROM"), key)
+            if earlier_crashes > 0:
+                self._conn.execute(f"INSERT INTO inflight VALUES ({', '.join('?' * 11)})",
+                                   (*key, earlier_crashes, time.time()))
 
     def note_shape(self, kind: str, signature: str, description: Mapping[str, Any] | str) -> None:
         """Remember what a signature stands for (layer shape fields, tensor shape)."""

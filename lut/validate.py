@@ -8,7 +8,6 @@ fitted to the validation plans. Quantizer scales of the random plans come from o
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import random
 import tempfile
@@ -76,15 +75,16 @@ def export_plan(target, model: nn.Module, plan: BitPlan, example_input: torch.Te
         return target.export(_calibrated(model, plan, example_input), plan, example_input, out_dir)
 
 
-def measure_interleaved(target, exports: list, config: MeasureConfig, rounds: int = 3) -> list[tuple]:
-    """(quoted statistic, p10, p90, error) per export, timed round-robin in ``rounds`` slices of the repeats so that
-    a change of machine load hits every plan alike."""
+def measure_interleaved(target, exports: list, config: MeasureConfig) -> list[tuple]:
+    """(quoted statistic, p10, p90, error) per export, timed round-robin in ``config.rounds`` slices of the
+    repeats (:meth:`MeasureConfig.per_round`, as the profiler does) so that a change of machine load hits
+    every plan alike."""
     from hwmpq.targets.ort.timing import summarize
 
-    per_round = dataclasses.replace(config, repeat=max(1, -(-config.repeat // rounds)))
+    per_round = config.per_round()
     samples: list[list[float]] = [[] for _ in exports]
     errors: list[str | None] = [None for _ in exports]
-    for _ in range(rounds):
+    for _ in range(min(config.rounds, config.repeat)):
         for k, export in enumerate(exports):
             if errors[k]:
                 continue

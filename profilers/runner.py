@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hwmpq.records import Edge, LayerSpec, MeasureConfig, Measurement, RunResult
+from hwmpq.records import BuildResult, Edge, LayerSpec, MeasureConfig, Measurement, RunResult
 
 from .jobs import MeasureJob, plan_jobs
 
@@ -84,27 +84,46 @@ def _fields(job: MeasureJob, target, config: MeasureConfig, device) -> dict:
 
 
 def measure_job(job: MeasureJob, target, config: MeasureConfig, device) -> tuple[Measurement, bool]:
-    """Build and time one job; returns (measurement, True if the build worked but the run failed)."""
-    base = _fields(job, target, config, device)
+    """Build and time one job on its own (all ``config.rounds`` back to back); returns (measurement, True if
+    the build worked but the run failed). The profile interleaves rounds across jobs instead."""
     build = job.build(target)
     if build.error_msg or build.artifact is None:
-        msg = f"build failed: {build.error_msg or 'no artifact'}"
-        return Measurement(latency_ms=None, error_msg=msg, versions=tool_versions(), time_unix=time.time(),
-                           **base), False
+        return build_failure(job, target, config, device, build), False
+    samples: list[float] = []
+    for _ in range(min(config.rounds, config.repeat)):
+        run = run_once(target, build, config.per_round())
+        if run.error_msg or not run.latencies_ms:
+            return result(job, target, config, device, run), True
+        samples.extend(run.latencies_ms)
+    m = result(job, target, config, device, RunResult(tuple(samples)))
+    return m, not m.ok
+
+
+def build_failure(job: MeasureJob, target, config: MeasureConfig, device, build: BuildResult) -> Measurement:
+    return Measurement(latency_ms=None, error_msg=f"build failed: {build.error_msg or 'no artifact'}",
+                       versions=tool_versions(), time_unix=time.time(), **_fields(job, target, config, device))
+
+
+def run_once(target, build: BuildResult, config: MeasureConfig) -> RunResult:
     try:
-        run = target.run(build, config)
+        return target.run(build, config)
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except Exception as e:  # a backend bug on one job is data
-        run = RunResult(None, f"run raised {type(e).__name__}: {e}")
+        return RunResult(None, f"run raised {type(e).__name__}: {e}")
+
+
+def result(job: MeasureJob, target, config: MeasureConfig, device, run: RunResult) -> Measurement:
+    """The row for ``job`` from all its samples (or its run failure)."""
+    base = _fields(job, target, config, device)
     stats = _summarise(run)
     if isinstance(stats, str):
         return Measurement(latency_ms=None, error_msg=f"run failed: {stats}", versions=tool_versions(),
-                           time_unix=time.time(), **base), True
+                           time_unix=time.time(), **base)
     med, p10, p90, n = stats
     energy_mj, source = _energy(target, job, med)
     return Measurement(latency_ms=med, p10_ms=p10, p90_ms=p90, n=n, energy_mj=energy_mj, energy_source=source,
-                       versions=tool_versions(), time_unix=time.time(), **base), False
+                       versions=tool_versions(), time_unix=time.time(), **base)
 
 
 def pending_jobs(jobs: Sequence[MeasureJob], store, config: MeasureConfig, retry_failed: bool) -> list[MeasureJob]:
@@ -129,34 +148,74 @@ class _Loop:
         self.suspect: list[Measurement] = []  # consecutive run failures, held back until a run succeeds
         self.stop_reason: str | None = None
 
-    def step(self, job: MeasureJob) -> None:
-        probe = Measurement(latency_ms=None, **_fields(job, self.target, self.config, self.device))
-        died = self.store.job_started(probe)
-        if self.max_crashes > 0 and died >= self.max_crashes:
-            self.store.add(dataclasses.replace(
-                probe, time_unix=time.time(), versions=tool_versions(),
-                error_msg=f"the profiler process died {died} times while measuring this job (a crash in the "
-                          "backend?); not tried again (--retry-failed tries it)"))
+    def step_chunk(self, jobs: Sequence[MeasureJob]) -> int:
+        """Measure ``jobs`` in ``config.rounds`` interleaved rounds (round r of every job, then round r+1);
+        each job's row is committed after its last round. Returns how many jobs ended (committed or
+        held back as suspect). Only the job whose run is under way is marked in flight, so a native
+        crash is blamed on that job alone."""
+        live: list[tuple[MeasureJob, Measurement, BuildResult, list[float]]] = []
+        ended = 0
+        for job in jobs:
+            probe = Measurement(latency_ms=None, **_fields(job, self.target, self.config, self.device))
+            died = self.store.job_started(probe)
+            if died >= self.max_crashes > 0:
+                self.store.add(dataclasses.replace(
+                    probe, time_unix=time.time(), versions=tool_versions(),
+                    error_msg=f"the profiler process died {died} times while measuring this "
+                              "job (a crash in the backend?); not tried again (--retry-failed tries it)"))
+                self.failed += 1
+                ended += 1
+                continue
+            build = job.build(self.target)
+            self.store.job_abandoned(probe, died)
+            if build.error_msg or build.artifact is None:
+                self.store.add(build_failure(job, self.target, self.config, self.device, build))
+                self.failed += 1
+                ended += 1
+                continue
+            live.append((job, probe, build, []))
+        one_round, rounds = self.config.per_round(), min(self.config.rounds, self.config.repeat)
+        for r in range(rounds):
+            still = []
+            for job, probe, build, samples in live:
+                died = self.store.job_started(probe)
+                self.current = probe
+                run = run_once(self.target, build, one_round)
+                self.store.job_abandoned(probe, died)
+                self.current = None
+                if run.error_msg or not run.latencies_ms:
+                    ended += 1
+                    if self._run_failed(result(job, self.target, self.config, self.device, run)):
+                        return ended
+                    continue
+                self.flush()  # only a successful run shows the device is alive (a build failure says nothing)
+                samples.extend(run.latencies_ms)
+                if r < rounds - 1:
+                    still.append((job, probe, build, samples))
+                    continue
+                m = result(job, self.target, self.config, self.device, RunResult(tuple(samples)))
+                self.store.add(m)  # its last round: committed at once
+                self.measured += m.ok
+                self.failed += not m.ok
+                ended += 1
+            live = still
+        return ended
+
+    def _run_failed(self, m: Measurement) -> bool:
+        """Hold a run failure back (the device may be dead); True when that many in a row stop the profile."""
+        if self.max_run_failures <= 0:
+            self.store.add(m)
             self.failed += 1
-            return
-        self.current = probe
-        m, run_failed = measure_job(job, self.target, self.config, self.device)
-        if run_failed and self.max_run_failures > 0:
-            self.store.job_abandoned(m)
-            self.suspect.append(m)
-            if len(self.suspect) >= self.max_run_failures:
-                self.stop_reason = (
-                    f"the device looks dead: {len(self.suspect)} runs in a row failed (last: {m.error_msg}); "
-                    "those jobs were not recorded. Check the device or connection and rerun the same command")
-                self.dropped += len(self.suspect)
-                self.suspect.clear()
-            return
-        if m.ok:  # only a successful run shows the device is alive (a build failure says nothing)
-            self.flush()
-        self.store.add(m)
-        self.current = None
-        self.measured += m.ok
-        self.failed += not m.ok
+            return False
+        self.suspect.append(m)
+        if len(self.suspect) < self.max_run_failures:
+            return False
+        self.stop_reason = (
+            f"the device looks dead: {len(self.suspect)} runs in a row failed (last: {m.error_msg}); "
+            "those jobs were not recorded. Check the device or connection and rerun the same command")
+        self.dropped += len(self.suspect)
+        self.suspect.clear()
+        return True
 
     def flush(self) -> None:
         """Commit held-back run failures: a later success shows the device was alive, so they are data."""
@@ -205,10 +264,18 @@ def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, co
     return report
 
 
+CHUNK = 32  # jobs whose rounds are interleaved; an interrupt loses at most the chunk under way
+
+
+def _chunks(todo: list[MeasureJob]):
+    for k in range(0, len(todo), CHUNK):
+        yield todo[k:k + CHUNK]
+
+
 def _run_all(loop: _Loop, todo: list[MeasureJob], progress: bool, console) -> None:
     if not progress:
-        for job in todo:
-            loop.step(job)
+        for chunk in _chunks(todo):
+            loop.step_chunk(chunk)
             if loop.stop_reason:
                 return
         return
@@ -227,14 +294,13 @@ def _run_all(loop: _Loop, todo: list[MeasureJob], progress: bool, console) -> No
 
     columns = (BarColumn(bar_width=20, table_column=fixed(20)), MofNCompleteColumn(table_column=fixed(9)),
                TimeElapsedColumn(table_column=fixed(7)), TextColumn("ETA", table_column=fixed(3)),
-               TimeRemainingColumn(table_column=fixed(7)),  # the job label takes what is left
+               TimeRemainingColumn(table_column=fixed(7)),  # the job labels take what is left
                TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)))
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("", total=len(todo))
-        for job in todo:
-            bar.update(task, description=job.label)
-            loop.step(job)
-            bar.advance(task)
+        for chunk in _chunks(todo):
+            bar.update(task, description=f"{chunk[0].label} (+{len(chunk) - 1} more, {loop.config.rounds} rounds)")
+            bar.advance(task, loop.step_chunk(chunk))
             if loop.stop_reason:
                 return
         bar.update(task, description="done")

@@ -12,6 +12,7 @@ from hwmpq.lut.model import (
     MissingEntriesError,
     build_table,
     edges_through_merges,
+    sharing_weights,
 )
 from hwmpq.lut.store import LutStore
 from hwmpq.targets.base import DeviceInfo, TargetPrecisions
@@ -72,13 +73,43 @@ def test_table_from_hand_rows_follows_the_documented_formulas(hand_store):
     np.testing.assert_allclose(table.layer_ms[0, [f, q]], [1.0, 0.5])  # minus the 0.01 ms overhead
     assert table.constant_ms == pytest.approx(0.01)
     (_, _, t), = table.transitions
-    glue_f = max(0, 0.08 - 2 * 0.05 + 0.01)  # negative (layout saved) -> 0
+    glue_f = 0.08 - 2 * 0.05 + 0.01  # negative: the chain saves a layout change the isolated rows pay
     glue_q = 0.10 - 2 * 0.04 + 0.01
-    assert t[f, f] == pytest.approx(glue_f) and t[q, q] == pytest.approx(glue_q)
-    assert t[f, q] == pytest.approx(0.15 - (0.08 + 0.10) / 2 + (glue_f + glue_q) / 2)
-    assert t[q, f] == pytest.approx(0.17 - (0.08 + 0.10) / 2 + (glue_f + glue_q) / 2)
+    assert glue_f < 0 and t[f, f] == pytest.approx(glue_f) and t[q, q] == pytest.approx(glue_q)
+    assert t[f, q] == pytest.approx(0.15 - 0.05 - 0.04 + 0.01)  # C(a, b) - S(a) - S(b) + overhead
+    assert t[q, f] == pytest.approx(0.17 - 0.05 - 0.04 + 0.01)
     lat, _ = table.predict(BitPlan.from_dict({"a": W8, "b": FP32}))
     assert lat == pytest.approx(0.5 + 0.4 + t[q, f] + 0.01)
+
+
+def test_transition_costs_are_shared_across_fan_out_and_fan_in(hand_store):
+    """A tensor read by two layers is handed over once on the producer's side: each of its two edges
+    carries 3/4 of the chain-measured cost (1/2 for the consumer's side + 1/4 of the producer's)."""
+    store, target = hand_store
+    c = dataclasses.replace(B, fqn="c")
+    single = build_table(store, [A, B], [EDGE], CFG, target).transitions[0][2]
+    fan = build_table(store, [A, B, c], [EDGE, Edge("a", "c", EDGE.tensor_shape)], CFG, target)
+    assert [w for w in sharing_weights([EDGE, Edge("a", "c", EDGE.tensor_shape)]).values()] == [0.75, 0.75]
+    for _, _, t in fan.transitions:
+        np.testing.assert_allclose(t, 0.75 * single)
+
+
+def test_a_boundary_never_earns_a_credit(tmp_path):
+    """A slow spell on the homogeneous chains must not make a precision switch look free or negative."""
+    target = TwoPrecisionTarget()
+    st = target.transition_stand_in(EDGE.tensor_shape)
+    rows = [row("overhead", "overhead", FP32, 0.01), row("layer", A.signature, FP32, 1.01),
+            row("layer", A.signature, W8, 0.51), row("layer", B.signature, FP32, 0.41),
+            row("layer", B.signature, W8, 0.21), row("layer", st.signature, FP32, 0.05),
+            row("layer", st.signature, W8, 0.04)]
+    rows += [row("transition", EDGE.signature, d, ms, src=s)
+             for (s, d), ms in {(FP32, FP32): 0.08, (W8, W8): 0.07, (FP32, W8): 0.02, (W8, FP32): 0.03}.items()]
+    with LutStore.open(tmp_path / "spell.lut", target=target.id, device=target.device()) as store:
+        store.add_many(rows)
+        table = build_table(store, [A, B], [EDGE], CFG, target)
+    (_, _, t), = table.transitions
+    f, q = table.candidates.index(FP32), table.candidates.index(W8)
+    assert t[f, q] == 0 and t[q, f] == 0 and t[f, f] < 0
 
 
 def test_missing_rows_name_the_layers_and_foreign_stores_are_refused(hand_store, tmp_path):

@@ -24,6 +24,7 @@ from hwmpq.records import MeasureConfig, Measurement, Precision, RunResult
 from hwmpq.zoo import create_model
 
 FAST = MeasureConfig(warmup=2, repeat=5)
+ONE_ROUND = MeasureConfig(warmup=2, repeat=5, rounds=1)  # one run per job: failure counts are per job
 W2A2, W4A4 = Precision(2, 2), Precision(4, 4)
 
 
@@ -112,14 +113,14 @@ def test_dead_device_stops_without_recording_suspects(tmp_path, resnet20_graph):
     target = FlakyFake(die_after=7)
     with _store(tmp_path, target) as store:
         out = io.StringIO()
-        rep = profile(specs, edges, target, store, FAST, progress=False, max_run_failures=3,
+        rep = profile(specs, edges, target, store, ONE_ROUND, progress=False, max_run_failures=3,
                       console=Console(file=out, width=200))
         assert rep.stop_reason and "3 runs in a row failed" in rep.stop_reason and rep.dropped == 3
         assert "connection refused" in out.getvalue() and "rerun" in out.getvalue()
         kept = store.measurements()
         assert len(kept) == rep.measured + rep.failed and rep.measured == 7
         assert not any("connection refused" in (m.error_msg or "") for m in kept)
-        rest = profile(specs, edges, FakeTarget(), store, FAST, progress=False)
+        rest = profile(specs, edges, FakeTarget(), store, ONE_ROUND, progress=False)
         assert rest.complete and rest.skipped == len(kept) and rest.measured == rep.total - len(kept)
 
 
@@ -128,11 +129,11 @@ def test_keyboard_interrupt_keeps_committed_rows(tmp_path, resnet20_graph):
     target = FlakyFake(die_after=10, interrupt=True)
     with _store(tmp_path, target) as store:
         out = io.StringIO()
-        rep = profile(specs, edges, target, store, FAST, progress=True, console=Console(file=out, width=200))
+        rep = profile(specs, edges, target, store, ONE_ROUND, progress=True, console=Console(file=out, width=200))
         assert rep.interrupted and len(store) == rep.measured + rep.failed >= 10
         assert "interrupted" in out.getvalue() and "rerun the same command" in out.getvalue()
         before = {(m.signature, m.precision): m for m in store.measurements()}
-        rest = profile(specs, edges, FakeTarget(), store, FAST, progress=False)
+        rest = profile(specs, edges, FakeTarget(), store, ONE_ROUND, progress=False)
         assert rest.skipped == len(before) and rest.measured + rest.skipped == rep.total
         after = {(m.signature, m.precision): m for m in store.measurements()}
         assert all(after[k] == v for k, v in before.items())  # nothing re-measured
@@ -200,10 +201,42 @@ def test_job_that_kills_the_profiler_twice_is_recorded_as_failed(tmp_path, tiny_
         assert [store.job_started(key(crasher)) for _ in range(2)] == [0, 1]
         assert store.job_started(key(once)) == 0  # one death (e.g. a kill) is not enough to give up
         rep = profile(specs, edges, target, store, FAST, progress=False)
-        assert rep.complete and rep.failed == 1 and rep.measured == len(jobs) - 1 and len(ran) == len(jobs) - 1
+        assert rep.complete and rep.failed == 1 and rep.measured == len(jobs) - 1 and len(ran) == 5 * (len(jobs) - 1)  # 5 rounds
         m = store.get(crasher.kind, crasher.signature, crasher.precision, FAST)
         assert not m.ok and "died 2 times" in m.error_msg
         assert store.get(once.kind, once.signature, once.precision, FAST).ok
         assert store._conn.execute("SELECT COUNT(*) FROM inflight").fetchone()[0] == 0
         again = profile(specs, edges, target, store, FAST, progress=False, retry_failed=True)
         assert again.measured == 1 and store.get(crasher.kind, crasher.signature, crasher.precision, FAST).ok
+
+
+class LoggingFake(FakeTarget):
+    """Logs (artifact, repeat) of every run; Ctrl-C after ``stop_after`` runs."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.log, self.stop_after = [], stop_after
+
+    def run(self, build, config):
+        if self.stop_after is not None and len(self.log) >= self.stop_after:
+            raise KeyboardInterrupt
+        self.log.append((build.artifact, config.repeat))
+        return super().run(build, config)
+
+
+def test_rounds_interleave_jobs_and_commit_whole_rows(tmp_path, resnet20_graph):
+    from hwmpq.profilers.runner import CHUNK
+
+    specs, edges = resnet20_graph
+    config = MeasureConfig(warmup=0, repeat=10, rounds=5)
+    target = LoggingFake(stop_after=CHUNK * 2 + 3)  # Ctrl-C inside round 3 of the first chunk
+    with _store(tmp_path, target) as store:
+        rep = profile(specs, edges, target, store, config, progress=False)
+        assert rep.interrupted and len(store) == 0  # no job of the chunk under way had all its samples
+        first = [a for a, _ in target.log[:CHUNK]]
+        assert len(set(first)) == CHUNK  # round 1 visits every job of the chunk once ...
+        assert [a for a, _ in target.log[CHUNK:2 * CHUNK]] == first  # ... then round 2 in the same order
+        assert {r for _, r in target.log} == {2}  # each run times one slice of the repeats
+        done = LoggingFake()
+        rest = profile(specs, edges, done, store, config, progress=False)
+        assert rest.complete and rest.measured == rest.total and len(done.log) == 5 * rest.total
+        assert {m.n for m in store.measurements()} == {10}  # every row holds all its samples

@@ -51,10 +51,10 @@ def ort_quantize_static(float_onnx: str, out_path: str, x: torch.Tensor) -> str:
     return out_path
 
 
-def measure_rounds(target: OrtTarget, paths: dict[str, str], config: MeasureConfig, rounds: int = 3) -> dict:
-    per = MeasureConfig(warmup=config.warmup, repeat=max(1, config.repeat // rounds), threads=config.threads)
+def measure_rounds(target: OrtTarget, paths: dict[str, str], config: MeasureConfig) -> dict:
+    per = config.per_round()
     samples: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(rounds):
+    for _ in range(min(config.rounds, config.repeat)):
         for k, p in paths.items():
             run = target.run(BuildResult(p), per)
             if run.error_msg:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -135,7 +136,7 @@ def remeasure(rows: list[dict], warmup: int, repeat: int, rounds: int) -> None:
     config = MeasureConfig(warmup=warmup, repeat=repeat, threads=1)
     todo = [r for r in rows if r.get("artifact") and Path(r["artifact"]).is_file()]
     exports = [ExportResult(str(Path(r["artifact"]).parent), r["artifact"], "") for r in todo]
-    for r, (quoted, _, _, err) in zip(todo, measure_interleaved(target, exports, config, rounds), strict=True):
+    for r, (quoted, _, _, err) in zip(todo, measure_interleaved(target, exports, dataclasses.replace(config, rounds=rounds)), strict=True):
         r.setdefault("measured_inline_ms", r["measured_ms"])
         r["measured_ms"], r["measure_error"] = quoted, err
     for model in {r["model"] for r in todo}:
