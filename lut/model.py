@@ -95,17 +95,27 @@ def _chain_ms(store, edge: Edge, src: Precision, dst: Precision, config) -> floa
     return _ok_latency(store.get("transition", edge.signature, dst, config, src_precision=src), config)
 
 
+# The speed reference: one fixed fp32 conv profiled into every LUT and timed again beside whatever is later
+# compared with the LUT (``lut validate``). This shared 2-vCPU machine runs 1.3-1.5x slower for minutes at
+# a time (the same 53 mobilenetv2 rows summed to 3.99 ms, then 3.03 ms two minutes later); the reference
+# tells such a shift of the machine's speed apart from an error of the latency model.
+REFERENCE = LayerSpec("speed_reference", "conv", 32, 32, (3, 3), padding=(1, 1), in_hw=(16, 16), out_hw=(16, 16),
+                      bias=False, macs=32 * 32 * 9 * 16 * 16, params=32 * 32 * 9)
+
+
 def profiling_specs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target) -> list[LayerSpec]:
-    """``specs`` plus the target's transition stand-ins (one per edge tensor shape), which must be
-    profiled as layers for :func:`build_table` to turn chain times into transition costs."""
+    """``specs`` plus the speed :data:`REFERENCE` and the target's transition stand-ins (one per edge tensor
+    shape), which must be profiled as layers for :func:`build_table` to turn chain times into transition
+    costs."""
+    known = {s.signature for s in specs}
+    specs = list(specs) + ([REFERENCE] if REFERENCE.signature not in known else [])
     if not hasattr(target, "transition_stand_in"):
-        return list(specs)
+        return specs
     extra = {}
     for e in edges:
         st = target.transition_stand_in(e.tensor_shape)
         extra.setdefault(st.signature, st)
-    known = {s.signature for s in specs}
-    return list(specs) + [s for sig, s in extra.items() if sig not in known]
+    return specs + [s for sig, s in extra.items() if sig not in known]
 
 
 def transition_matrix(store, edge: Edge, cands, allowed_src, allowed_dst, config, overhead_ms: float,

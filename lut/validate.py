@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from hwmpq.records import BitPlan, MeasureConfig, atomic_write_text
+from hwmpq.records import FP32, BitPlan, MeasureConfig, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class PlanResult:
     p90_ms: float | None = None
     error_pct: float | None = None  # (predicted - measured) / measured * 100
     error_msg: str | None = None
+    speed_error_pct: float | None = None  # the same, the prediction scaled by the report's speed factor
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class ValidationReport:
     mape_pct: float | None
     worst_pct: float | None  # largest |error|
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # the machine's speed now against at profile time: the speed reference (lut.model.REFERENCE) timed
+    # beside the plans over its LUT row (>1: slower now); None if the LUT has no reference row
+    speed_factor: float | None = None
+    speed_mape_pct: float | None = None  # MAPE and worst error of the predictions scaled by speed_factor
+    speed_worst_pct: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,10 +82,13 @@ def export_plan(target, model: nn.Module, plan: BitPlan, example_input: torch.Te
 
 
 def measure_interleaved(target, exports: list, config: MeasureConfig) -> list[tuple]:
-    """(quoted statistic, p10, p90, error) per export, timed round-robin in ``config.rounds`` slices of the
-    repeats (:meth:`MeasureConfig.per_round`, as the profiler does) so that a change of machine load hits
-    every plan alike."""
+    """(quoted statistic, p10, p90, error) per export (an ExportResult, or a BuildResult of a single layer
+    that ``target.run`` times), timed round-robin in ``config.rounds`` slices of the repeats
+    (:meth:`MeasureConfig.per_round`, as the profiler does) so that a change of machine load hits every
+    plan alike."""
     from hwmpq.targets.ort.timing import summarize
+
+    from hwmpq.records import BuildResult
 
     per_round = config.per_round()
     samples: list[list[float]] = [[] for _ in exports]
@@ -88,7 +97,8 @@ def measure_interleaved(target, exports: list, config: MeasureConfig) -> list[tu
         for k, export in enumerate(exports):
             if errors[k]:
                 continue
-            run = target.measure_artifact(export, per_round)
+            run = (target.run(export, per_round) if isinstance(export, BuildResult)
+                   else target.measure_artifact(export, per_round))
             if run.error_msg or not run.latencies_ms:
                 errors[k] = run.error_msg or "no latencies"
             else:
@@ -112,7 +122,7 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
 
     from hwmpq.graph import analyse
 
-    from .model import build_table, edges_through_merges
+    from .model import REFERENCE, build_table, edges_through_merges
 
     if n_plans < 1:
         raise ValueError(f"n_plans must be >= 1, got {n_plans}")
@@ -125,31 +135,45 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
     table = build_table(store, specs, edges, config, target, allow_foreign=allow_foreign)
     results = []
     plans = random_plans(table, n_plans, seed)
+    ref_row = store.get("layer", REFERENCE.signature, FP32, config)
+    ref_lut = ref_row.quoted_ms(config.statistic) if ref_row is not None else None
     with tempfile.TemporaryDirectory(prefix="hwmpq-validate-") as tmp:
         exports = [export_plan(target, model, plan, example_input, f"{tmp}/plan{k}") for k, plan in enumerate(plans)]
+        if ref_lut:
+            exports.append(target.build_layer(REFERENCE, FP32))
         timed = measure_interleaved(target, exports, measure_config or config)
+    ref_now = timed.pop()[0] if ref_lut else None
+    speed = ref_now / ref_lut if ref_now else None
     for plan, (quoted, p10, p90, err) in zip(plans, timed, strict=True):
         predicted, _ = table.predict(plan)
         pct = None if quoted is None else (predicted - quoted) / quoted * 100
-        results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, quoted, p10, p90, pct, err))
+        spct = None if quoted is None or speed is None else (predicted * speed - quoted) / quoted * 100
+        results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, quoted, p10, p90, pct, err, spct))
     errs = [abs(r.error_pct) for r in results if r.error_pct is not None]
+    serrs = [abs(r.speed_error_pct) for r in results if r.speed_error_pct is not None]
     report = ValidationReport(
         target.id, model_name or type(model).__name__, asdict(config), tuple(results),
         sum(errs) / len(errs) if errs else None, max(errs) if errs else None,
         (f"{len(edges)} edges (through merges), {len(specs)} layers, candidates "
-         f"{[c.label for c in table.candidates]}",))
+         f"{[c.label for c in table.candidates]}",)
+        + (() if ref_lut else ("no speed reference row in this LUT (profiled before it existed)",)),
+        speed, sum(serrs) / len(serrs) if serrs else None, max(serrs) if serrs else None)
     if json_out:
         atomic_write_text(json_out, json.dumps(report.as_dict(), indent=1) + "\n")
     return report
 
 
 def format_report(report: ValidationReport) -> str:
-    lines = [f"{'plan':>4}  {'predicted ms':>12}  {'measured ms':>11}  {'error %':>8}"]
+    lines = [f"{'plan':>4}  {'predicted ms':>12}  {'measured ms':>11}  {'error %':>8}  {'at speed %':>10}"]
     for i, r in enumerate(report.plans):
         meas = f"{r.measured_ms:.3f}" if r.measured_ms is not None else "failed"
         err = f"{r.error_pct:+.1f}" if r.error_pct is not None else (r.error_msg or "")
-        lines.append(f"{i:>4}  {r.predicted_ms:>12.3f}  {meas:>11}  {err:>8}")
+        serr = f"{r.speed_error_pct:+.1f}" if r.speed_error_pct is not None else "-"
+        lines.append(f"{i:>4}  {r.predicted_ms:>12.3f}  {meas:>11}  {err:>8}  {serr:>10}")
     if report.mape_pct is not None:
         lines.append(f"MAPE {report.mape_pct:.1f}%  worst {report.worst_pct:.1f}%  ({len(report.plans)} plans, "
                      f"{report.target}, {report.config.get('threads')} thread(s))")
+    if report.speed_factor is not None:
+        lines.append(f"speed reference: this machine is {report.speed_factor:.3f}x its speed at profile time; "
+                     f"predictions scaled by it: MAPE {report.speed_mape_pct:.1f}%  worst {report.speed_worst_pct:.1f}%")
     return "\n".join(lines)

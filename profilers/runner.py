@@ -147,6 +147,7 @@ class _Loop:
         self.measured = self.failed = self.dropped = 0
         self.suspect: list[Measurement] = []  # consecutive run failures, held back until a run succeeds
         self.stop_reason: str | None = None
+        self.rounds = min(config.rounds, config.repeat)
 
     def step_chunk(self, jobs: Sequence[MeasureJob]) -> int:
         """Measure ``jobs`` in ``config.rounds`` interleaved rounds (round r of every job, then round r+1);
@@ -174,7 +175,7 @@ class _Loop:
                 ended += 1
                 continue
             live.append((job, probe, build, []))
-        one_round, rounds = self.config.per_round(), min(self.config.rounds, self.config.repeat)
+        one_round, rounds = self.config.per_round(), self.rounds
         for r in range(rounds):
             still = []
             for job, probe, build, samples in live:
@@ -264,17 +265,28 @@ def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, co
     return report
 
 
-CHUNK = 32  # jobs whose rounds are interleaved; an interrupt loses at most the chunk under way
+ROUND_S = 10.0  # target length of one round over a chunk of jobs: each job's rounds span ~rounds x this
+FIRST_CHUNK = 16
 
 
-def _chunks(todo: list[MeasureJob]):
-    for k in range(0, len(todo), CHUNK):
-        yield todo[k:k + CHUNK]
+def _chunks(todo: list[MeasureJob], rounds: int):
+    """Consecutive chunks of ``todo`` sized so that one round over a chunk lasts about ``ROUND_S``: the
+    slow spells of a shared machine last seconds, so a job's rounds must be seconds apart to see different
+    spells. Starts at FIRST_CHUNK jobs and rescales from each chunk's measured time (at most 4x per step); an
+    interrupt loses at most the chunk under way (about rounds x ROUND_S of measuring)."""
+    start, size = 0, FIRST_CHUNK
+    while start < len(todo):
+        chunk = todo[start:start + size]
+        start += len(chunk)
+        t0 = time.perf_counter()
+        yield chunk
+        per_round = (time.perf_counter() - t0) / rounds
+        size = int(min(4 * size, max(4, len(chunk) * ROUND_S / max(per_round, 1e-3))))
 
 
 def _run_all(loop: _Loop, todo: list[MeasureJob], progress: bool, console) -> None:
     if not progress:
-        for chunk in _chunks(todo):
+        for chunk in _chunks(todo, loop.rounds):
             loop.step_chunk(chunk)
             if loop.stop_reason:
                 return
@@ -298,8 +310,8 @@ def _run_all(loop: _Loop, todo: list[MeasureJob], progress: bool, console) -> No
                TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)))
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("", total=len(todo))
-        for chunk in _chunks(todo):
-            bar.update(task, description=f"{chunk[0].label} (+{len(chunk) - 1} more, {loop.config.rounds} rounds)")
+        for chunk in _chunks(todo, loop.rounds):
+            bar.update(task, description=f"{chunk[0].label} (+{len(chunk) - 1} more, {loop.rounds} rounds)")
             bar.advance(task, loop.step_chunk(chunk))
             if loop.stop_reason:
                 return

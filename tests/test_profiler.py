@@ -158,7 +158,8 @@ def test_profile_cli_errors_are_clear(tmp_path):
                               str(tmp_path / "ok.lut"), "--repeat", "3", "--warmup", "0"])
     assert res.exit_code == 0 and "measured" in res.output, res.output
     with LutStore.read(tmp_path / "ok.lut") as store:
-        assert len(store) == 5 * 5 and {m.config.repeat for m in store.measurements()} == {3}
+        # 5 layers and the speed reference (lut.model.REFERENCE), 5 precisions each
+        assert len(store) == 6 * 5 and {m.config.repeat for m in store.measurements()} == {3}
 
 
 def test_emulated_device_and_versions_are_recorded(tmp_path, tiny_graph):
@@ -224,7 +225,7 @@ class LoggingFake(FakeTarget):
 
 
 def test_rounds_interleave_jobs_and_commit_whole_rows(tmp_path, resnet20_graph):
-    from hwmpq.profilers.runner import CHUNK
+    from hwmpq.profilers.runner import FIRST_CHUNK as CHUNK
 
     specs, edges = resnet20_graph
     config = MeasureConfig(warmup=0, repeat=10, rounds=5)
@@ -239,4 +240,8 @@ def test_rounds_interleave_jobs_and_commit_whole_rows(tmp_path, resnet20_graph):
         done = LoggingFake()
         rest = profile(specs, edges, done, store, config, progress=False)
         assert rest.complete and rest.measured == rest.total and len(done.log) == 5 * rest.total
+        # the fake runs take no time, so the second chunk grows (4x at most): all the remaining jobs
+        later = [a for a, _ in done.log[5 * CHUNK:]]
+        n = rest.total - CHUNK
+        assert 0 < n <= 4 * CHUNK and len(set(later[:n])) == n and later[n:2 * n] == later[:n]
         assert {m.n for m in store.measurements()} == {10}  # every row holds all its samples

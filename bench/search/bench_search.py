@@ -28,11 +28,13 @@ from pathlib import Path
 import numpy as np
 
 
-def budgets_for(table, n: int) -> list[float]:
+def budgets_for(table, n: int, objective: str = "latency") -> list[float]:
+    """``n`` budgets from the fp32 plan's LUT cost down to 1.02x the cheapest plan's (latency ms or energy mJ)."""
     from hwmpq.search.budget import cheapest_plan, float_latency_ms
 
-    hi = float_latency_ms(table)[0]
-    lo = table.predict_indices(cheapest_plan(table))[0]
+    k = 0 if objective == "latency" else 1
+    hi = float_latency_ms(table)[k]
+    lo = table.predict_indices(cheapest_plan(table, energy=objective == "energy"))[k]
     if n == 1:
         return [0.5 * (hi + lo)]
     return [float(v) for v in np.linspace(hi, lo * 1.02, n)]
@@ -71,7 +73,10 @@ def run_model(model: str, args, workdir: Path) -> list[dict]:
     def record(method: str, bits: str | None, budget_ms: float | None, tag: str) -> None:
         out = workdir / f"{model}_{tag}.json"
         r = run_row(ctx, cfg, method, bits, out)
-        rows.append({"model": model, "method": r["method"], "budget_ms": budget_ms, "predicted_ms": r["predicted_ms"],
+        rows.append({"model": model, "method": r["method"], "objective": args.objective,
+                     "budget_ms": budget_ms if args.objective == "latency" else None,
+                     "budget_mj": budget_ms if args.objective == "energy" else None,
+                     "predicted_mj": r.get("predicted_mj"), "predicted_ms": r["predicted_ms"],
                      "measured_ms": r["measured_ms"], "test_acc": r["test_acc"], "search_s": r["search_s"],
                      "repaired": r["repaired"], "float_test_acc": ctx.float_acc,
                      "artifact": str(workdir / f"{model}_{tag}_export" / "model.onnx"), "bits": r.get("bits")})
@@ -79,10 +84,11 @@ def run_model(model: str, args, workdir: Path) -> list[dict]:
 
     for bits in args.uniform.split(","):
         record("uniform", bits, None, f"uniform_{bits}")
-    for i, b in enumerate(budgets_for(ctx.table, args.budgets)):
-        ctx.budget = Budget(latency_ms=b)
+    energy = args.objective == "energy"
+    for i, b in enumerate(budgets_for(ctx.table, args.budgets, args.objective)):
+        ctx.budget = Budget(energy_mj=b) if energy else Budget(latency_ms=b)
         for method in args.methods.split(","):
-            record(method, None, b, f"{method}_b{i}")
+            record(method, None, b, f"{method}_{'e' if energy else 'b'}{i}")
     return rows
 
 
@@ -175,6 +181,8 @@ def main() -> None:
     p.add_argument("--methods", default="dnas,ssps")
     p.add_argument("--uniform", default="fp32,8")
     p.add_argument("--budgets", type=int, default=5)
+    p.add_argument("--objective", choices=("latency", "energy"), default="latency",
+                   help="budgets on LUT latency (ms) or LUT energy (mJ, modeled on this CPU unless powercap)")
     p.add_argument("--candidates", default="", help="search only these precisions, e.g. fp32,w8a8 (default: all)")
     p.add_argument("--train-images", type=int, default=None)
     p.add_argument("--pretrain-epochs", type=int, default=10)
@@ -220,7 +228,8 @@ def write_results(rows: list[dict], out: Path, args, wall_s: float) -> None:
     pareto_plot(rows, out / "search_pareto.png")
     print(f"\n{'model':12} {'method':14} {'budget':>8} {'pred':>8} {'meas':>8} {'x fp32':>7} {'acc':>7} {'search s':>9}")
     for r in rows:
-        b = "-" if r["budget_ms"] is None else f"{r['budget_ms']:.4f}"
+        b = ("-" if r["budget_ms"] is None else f"{r['budget_ms']:.4f}") if r.get("budget_mj") is None \
+            else f"{r['budget_mj']:.4f}mJ"
         m = "-" if r["measured_ms"] is None else f"{r['measured_ms']:.4f}"
         x = "-" if r.get("x_fp32_measured") is None else f"{r['x_fp32_measured']:.3f}"
         print(f"{r['model']:12} {r['method']:14} {b:>8} {r['predicted_ms']:8.4f} {m:>8} {x:>7} {r['test_acc']:7.4f} "

@@ -261,8 +261,8 @@ def run_row(ctx: Context, cfg: LoopConfig, method: str, bits: str | None, out: P
     model = fine_tune(ctx, cfg, result)
     acc = evaluate(model, ctx.splits.loader("test", batch_size=512))
     measured = export_and_measure(ctx, model, result, out.parent / f"{out.stem}_export", acc)
-    return {"method": label, "budget_ms": ctx.budget.latency_ms, "predicted_ms": result.predicted_ms,
-            "measured_ms": measured, "test_acc": acc, "search_s": search_s, "repaired": result.repaired,
+    return {"method": label, "budget_ms": ctx.budget.latency_ms, "budget_mj": ctx.budget.energy_mj,
+            "predicted_ms": result.predicted_ms, "predicted_mj": result.predicted_mj, "measured_ms": measured, "test_acc": acc, "search_s": search_s, "repaired": result.repaired,
             "plan": str(out), "notes": result.notes,
             "bits": {p.label: sum(1 for _, q in result.plan.layers if q == p) for _, p in result.plan.layers}}
 
