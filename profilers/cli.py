@@ -56,7 +56,9 @@ def profile_command(
     emulated: Annotated[bool | None, typer.Option("--emulated/--not-emulated",
                                                   help="mark the device as emulated (qemu); TVM guesses if unset")] = None,
     warmup: Annotated[int, typer.Option(help="untimed runs before timing")] = 30,
-    repeat: Annotated[int, typer.Option(help="timed repeats (the median is quoted)")] = 100,
+    repeat: Annotated[int, typer.Option(help="timed repeats (median, p10 and p90 are kept; p10 is quoted)")] = 100,
+    rounds: Annotated[int, typer.Option(help="split the repeats into this many slices, each a fresh session, "
+                                             "timed round-robin over many jobs (robust to slow spells)")] = 5,
     number: Annotated[int, typer.Option(help="runs averaged inside one repeat")] = 1,
     min_repeat_ms: Annotated[float, typer.Option(help="raise number until a repeat lasts this long")] = 0.0,
     timeout_s: Annotated[float, typer.Option(help="per-job run timeout (enforced by the target)")] = 60.0,
@@ -84,7 +86,7 @@ def profile_command(
     try:
         _, _, specs, edges = load_model_and_graph(model, input_shape, weights)
         tgt = get_target(target, **_target_options(target, lut, threads, rpc, tracker, key, tune_trials, emulated))
-        config = MeasureConfig(warmup=warmup, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms,
+        config = MeasureConfig(warmup=warmup, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, rounds=rounds,
                                threads=threads or int(getattr(tgt, "threads", 1) or 1), timeout_s=timeout_s)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
