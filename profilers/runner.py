@@ -83,22 +83,6 @@ def _fields(job: MeasureJob, target, config: MeasureConfig, device) -> dict:
                 config=config, kind=job.kind, src_precision=job.src_precision, emulated=bool(device.emulated))
 
 
-def measure_job(job: MeasureJob, target, config: MeasureConfig, device) -> tuple[Measurement, bool]:
-    """Build and time one job on its own (all ``config.rounds`` back to back); returns (measurement, True if
-    the build worked but the run failed). The profile interleaves rounds across jobs instead."""
-    build = job.build(target)
-    if build.error_msg or build.artifact is None:
-        return build_failure(job, target, config, device, build), False
-    samples: list[float] = []
-    for _ in range(min(config.rounds, config.repeat)):
-        run = run_once(target, build, config.per_round())
-        if run.error_msg or not run.latencies_ms:
-            return result(job, target, config, device, run), True
-        samples.extend(run.latencies_ms)
-    m = result(job, target, config, device, RunResult(tuple(samples)))
-    return m, not m.ok
-
-
 def build_failure(job: MeasureJob, target, config: MeasureConfig, device, build: BuildResult) -> Measurement:
     return Measurement(latency_ms=None, error_msg=f"build failed: {build.error_msg or 'no artifact'}",
                        versions=tool_versions(), time_unix=time.time(), **_fields(job, target, config, device))
