@@ -20,7 +20,7 @@ from hwmpq.records import FP32, W8A8, LayerSpec, MeasureConfig, Precision  # noq
 pytestmark = pytest.mark.tvm
 CONV = LayerSpec("conv", "conv", 8, 8, (3, 3), (1, 1), (1, 1), in_hw=(6, 6), out_hw=(6, 6))
 LINEAR = LayerSpec("fc", "linear", 16, 4)
-QUICK = MeasureConfig(warmup=2, repeat=5, number=2, timeout_s=60.0)
+QUICK = MeasureConfig(warmup=2, repeat=5, number=2, timeout_s=60.0, rounds=1)  # one upload per job
 
 
 @pytest.fixture(scope="module")

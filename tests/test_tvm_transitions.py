@@ -19,7 +19,7 @@ from tvm_rpc_fixture import rpc_server  # noqa: E402
 from hwmpq.records import FP32, W8A8, MeasureConfig, Precision  # noqa: E402
 
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
-QUICK = MeasureConfig(warmup=2, repeat=5, number=2, timeout_s=60.0)
+QUICK = MeasureConfig(warmup=2, repeat=5, number=2, timeout_s=60.0, rounds=1)  # one upload per job
 W2A2, W4A4 = Precision(2, 2), Precision(4, 4)
 
 
