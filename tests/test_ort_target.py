@@ -123,3 +123,43 @@ def test_energy_is_modeled_and_integer_is_cheaper(target):
     assert src == "modeled" and 0 < e8 < e32
     assert e16 > e8  # int16 runs as float compute on ORT: charged float MACs
     assert modeled_energy_mj(CONV, FP32) == pytest.approx(CONV.macs * 4.6e-9 + (CONV.params * 4 + (8 * 64 + 16 * 64) * 4) * 2.5e-9)
+
+
+def _saturating_w8a8_conv() -> onnx.ModelProto:
+    """A w8a8 conv whose int16 pair sums overflow on AVX2's fast path (u8 inputs 150-255 times weights of
+    +-127 with equal signs along a filter: 2 x 255 x 127 > 32767), with an output scale that keeps the
+    result off the uint8 rails, so that any saturation shows in the output."""
+    from onnx import numpy_helper
+
+    spec = LayerSpec("sat", "conv", 64, 64, (3, 3), padding=(1, 1), in_hw=(8, 8), out_hw=(8, 8), bias=True)
+    m = layers.layer_model(spec, Precision.parse("w8a8"))
+    rng = np.random.default_rng(0)
+    for init in m.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.int8 and a.ndim == 4:
+            w = np.where(rng.random((a.shape[0], 1, 1, 1)) < 0.5, 127, -128) * np.ones(a.shape)
+            init.CopyFrom(numpy_helper.from_array(w.astype(np.int8), init.name))
+        if init.name == "y_scale":
+            in_scale = next(numpy_helper.to_array(i) for i in m.graph.initializer if i.name == "y_in_scale")
+            w_scale = next(numpy_helper.to_array(i) for i in m.graph.initializer if i.name == "y_w_scale").max()
+            full = 64 * 9 * 255 * 128 * float(in_scale) * float(w_scale)
+            init.CopyFrom(numpy_helper.from_array(np.array(full / 127, np.float32), init.name))
+    return m
+
+
+def test_default_int8_path_is_exact_on_this_cpu():
+    """Whatever this CPU is, the int8 path OrtTarget picks by default computes what the exact path does, on a
+    layer built to saturate AVX2's fast path (on a VNNI CPU it picks the fast path, which is exact there)."""
+    from hwmpq.targets.ort.target import fast_int8_is_exact
+
+    m = _saturating_w8a8_conv().SerializeToString()
+    exact = make_session(m, 1, exact_u8s8=True)
+    chosen = make_session(m, 1, exact_u8s8=OrtTarget().exact_u8s8)
+    name = exact.get_inputs()[0].name
+    x = np.random.default_rng(1).integers(150, 256, (1, 64, 8, 8)).astype(np.uint8)
+    want, got = exact.run(None, {name: x})[0], chosen.run(None, {name: x})[0]
+    assert 0.5 < np.mean((want > 0) & (want < 255)), "the output scale must keep most values off the rails"
+    np.testing.assert_array_equal(got, want)
+    assert OrtTarget().exact_u8s8 is not fast_int8_is_exact()
+    assert fast_int8_is_exact("avx2 fma avx512_vnni") and not fast_int8_is_exact("avx2 fma")
+    assert OrtTarget(exact_u8s8=True).device().fingerprint != OrtTarget(exact_u8s8=False).device().fingerprint

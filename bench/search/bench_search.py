@@ -167,7 +167,7 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=method,
                         linestyle="-" if not method.startswith("uniform") else "none")
         ax.set_title(f"{m} / Fashion-MNIST / ort-x86")
-        ax.set_xlabel("measured latency (ms, median)")
+        ax.set_xlabel("measured latency (ms, p10, one interleaved run)")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
         ax.legend()

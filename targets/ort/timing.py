@@ -29,9 +29,10 @@ _NP = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": n
 
 
 def session_options(threads: int, optimized_path: str | None = None, exact_u8s8: bool = True):
-    """``exact_u8s8``: ``session.x64quantprecision=1``, ORT's exact u8 x s8 path on AVX2 CPUs without VNNI
-    (the fast path, vpmaddubsw, saturates int16 pair sums: measured 92% top-1 agreement with torch on a
-    first layer with signed input, 100% exact; the exact path costs ~1.2-1.7x on int8 convs here)."""
+    """``exact_u8s8``: ``session.x64quantprecision=1``, ORT's exact u8 x s8 path, needed on AVX2 CPUs without
+    VNNI (the fast path, vpmaddubsw, saturates int16 pair sums: measured 92% top-1 agreement with torch on a
+    first layer with signed input, 100% exact; the exact path cost ~1.2-1.7x on int8 convs there). With VNNI
+    the fast path is exact and the exact one 2.4x slower (OrtTarget decides: ``fast_int8_is_exact``)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
