@@ -163,7 +163,7 @@ def op_histogram(m: onnx.ModelProto) -> dict[str, int]:
 
 def write_export(model: nn.Module, plan: BitPlan, specs: list[LayerSpec], example_input: torch.Tensor,
                  out_dir: str | os.PathLike, threads: int, manifest_extra: dict | None = None,
-                 exact_u8s8: bool = True) -> ExportResult:
+                 exact_u8s8: bool | None = None) -> ExportResult:
     """Write model.onnx, model.opt.onnx (ORT's optimized graph) and manifest.json into ``out_dir``."""
     from .timing import make_session
 

@@ -28,12 +28,18 @@ _NP = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": n
        "tensor(int64)": np.int64}
 
 
-def session_options(threads: int, optimized_path: str | None = None, exact_u8s8: bool = True):
+def session_options(threads: int, optimized_path: str | None = None, exact_u8s8: bool | None = None):
     """``exact_u8s8``: ``session.x64quantprecision=1``, ORT's exact u8 x s8 path, needed on AVX2 CPUs without
     VNNI (the fast path, vpmaddubsw, saturates int16 pair sums: measured 92% top-1 agreement with torch on a
     first layer with signed input, 100% exact; the exact path cost ~1.2-1.7x on int8 convs there). With VNNI
-    the fast path is exact and the exact one 2.4x slower (OrtTarget decides: ``fast_int8_is_exact``)."""
+    the fast path is exact and the exact one 2.4x slower; ``None`` decides by this CPU
+    (targets/ort/target.py: ``fast_int8_is_exact``)."""
     import onnxruntime as ort
+
+    if exact_u8s8 is None:
+        from .target import fast_int8_is_exact
+
+        exact_u8s8 = not fast_int8_is_exact()
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -48,7 +54,8 @@ def session_options(threads: int, optimized_path: str | None = None, exact_u8s8:
     return so
 
 
-def make_session(model_path_or_bytes, threads: int, optimized_path: str | None = None, exact_u8s8: bool = True):
+def make_session(model_path_or_bytes, threads: int, optimized_path: str | None = None,
+                 exact_u8s8: bool | None = None):
     import onnxruntime as ort
 
     return ort.InferenceSession(model_path_or_bytes, session_options(threads, optimized_path, exact_u8s8),
@@ -115,7 +122,7 @@ def time_session(session, feeds: dict[str, np.ndarray], config: MeasureConfig, c
 
 
 def time_model(model_path_or_bytes, config: MeasureConfig, feeds: dict[str, np.ndarray] | None = None,
-               clock: str = "wall", exact_u8s8: bool = True) -> RunResult:
+               clock: str = "wall", exact_u8s8: bool | None = None) -> RunResult:
     """Create a session for the model and time it; session-creation errors are results."""
     try:
         session = make_session(model_path_or_bytes, config.threads, exact_u8s8=exact_u8s8)
