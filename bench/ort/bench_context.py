@@ -57,7 +57,6 @@ def _pick(options, rng):
 
 
 def plans_for(specs, target, kinds: list[str], seed: int) -> dict[str, BitPlan]:
-    fqns = [s.fqn for s in specs]
     rng = np.random.default_rng(seed)
     plans = {}
     for kind in kinds:

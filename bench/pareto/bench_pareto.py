@@ -109,13 +109,16 @@ def strategy_front(ctx, config, name: str) -> tuple[list, dict]:
 
 
 def export_measured(ctx, fronts: dict, fractions: list[float], out: Path, proxy: ProxyConfig) -> dict:
-    """Pick per method and budget, export (quantize_ + calibration, as the proxy scored it), measure."""
+    """Pick per method and budget, export (quantize_ + calibration, as the proxy scored it), then time all
+    picks in ONE interleaved run (``lut.validate.measure_interleaved``), so their latencies are comparable."""
+    from hwmpq.lut.validate import measure_interleaved
+
     from hwmpq.qmodules import calibrate, quantize_
 
     if not hasattr(ctx.target, "export"):
         _log(f"target {ctx.target.id} cannot export whole models: nothing measured")
         return {}
-    cache: dict[tuple, float | None] = {}
+    picks: dict[tuple, tuple] = {}  # plan -> (export, predicted ms, first method and budget that picked it)
     calib = make_context(ctx.model, ctx.splits, ctx.table.fqns, ctx.table.candidates, proxy).calib_x
     for method, pts in fronts.items():
         for f in fractions if pts else []:
@@ -123,17 +126,19 @@ def export_measured(ctx, fronts: dict, fractions: list[float], out: Path, proxy:
                 p = pick(pts, budget_ms=span_budget(ctx.table, f))
             except NoPlanWithinBudget:
                 continue
-            key = p.plan.layers
-            if key not in cache:
+            if p.plan.layers not in picks:
                 model = quantize_(copy.deepcopy(ctx.model), p.plan)
                 calibrate(model, [calib])
-                exp = ctx.target.export(model.eval(), p.plan, ctx.example_input, str(out / f"export_{len(cache)}"))
-                run = ctx.target.measure_artifact(exp, ctx.measure)
-                cache[key] = ctx.measure.quote(run.latencies_ms) if run.latencies_ms else None
-                _log(f"measured {method} @ {f}x: predicted {p.latency_ms:.4f} ms, measured {cache[key]} ms")
-            if cache[key] is not None:
-                fronts[method] = [with_measured(q, cache[key]) if q.plan.layers == key else q for q in fronts[method]]
-    return {str(k): v for k, v in cache.items()}
+                exp = ctx.target.export(model.eval(), p.plan, ctx.example_input, str(out / f"export_{len(picks)}"))
+                picks[p.plan.layers] = (exp, p.latency_ms, f"{method} @ {f}x")
+    timed = measure_interleaved(ctx.target, [e for e, _, _ in picks.values()], ctx.measure)
+    measured = {key: quoted for key, (quoted, _, _, _) in zip(picks, timed, strict=True)}
+    for key, (_, predicted, label) in picks.items():
+        _log(f"measured {label}: predicted {predicted:.4f} ms, measured {measured[key]} ms")
+    for method, pts in fronts.items():
+        fronts[method] = [with_measured(q, measured[q.plan.layers]) if measured.get(q.plan.layers) is not None
+                          else q for q in pts]
+    return {str(k): v for k, v in measured.items()}
 
 
 def reuse_front(path: str, stats_text: str = "") -> tuple[list, dict]:
