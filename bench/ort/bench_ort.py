@@ -35,8 +35,11 @@ from hwmpq.zoo.registry import default_input_shape
 
 
 def ort_quantize_static(float_onnx: str, out_path: str, x: torch.Tensor) -> str:
-    """ORT's own uniform int8: QDQ, per-channel int8 weights, uint8 activations, MinMax on 8 samples."""
+    """ORT's own uniform int8: ``quant_pre_process`` (without it ORT left 18 of resnet20's 21 convs in float:
+    Conv -> Relu is not fused before quantization), then QDQ, per-channel int8 weights, uint8 activations,
+    MinMax on 8 samples."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -46,7 +49,9 @@ def ort_quantize_static(float_onnx: str, out_path: str, x: torch.Tensor) -> str:
         def get_next(self):
             return next(self.items, None)
 
-    quantize_static(float_onnx, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    pre = str(Path(out_path).with_suffix(".pre.onnx"))
+    quant_pre_process(float_onnx, pre)
+    quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out_path
 
