@@ -66,7 +66,8 @@ class MeasureJob:
 
 def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
               transitions: bool = True) -> list[MeasureJob]:
-    """Unique jobs in a stable order: overhead, layers in execution order, then transitions."""
+    """Unique jobs in a stable order: overhead, layers in execution order, then per edge tensor shape its
+    transition stand-in's layer jobs followed by its transition jobs."""
     jobs: list[MeasureJob] = []
     if hasattr(target, "build_overhead"):
         jobs.append(MeasureJob("overhead", OVERHEAD_SIGNATURE, FP32))
@@ -80,9 +81,25 @@ def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
                 layer_jobs[key] = MeasureJob("layer", old.signature, p, spec=old.spec, fqns=old.fqns + (spec.fqn,))
             else:
                 layer_jobs[key] = MeasureJob("layer", spec.signature, p, spec=spec, fqns=(spec.fqn,))
-    jobs.extend(layer_jobs.values())
-    if transitions and hasattr(target, "build_transition"):
-        jobs.extend(_transition_jobs(edges, by_fqn, target))
+    if not (transitions and hasattr(target, "build_transition")):
+        return jobs + list(layer_jobs.values())
+    trans = _transition_jobs(edges, by_fqn, target)
+    if not hasattr(target, "transition_stand_in"):
+        return jobs + list(layer_jobs.values()) + trans
+    # A transition cost is C(a, b) - S(a) - S(b) + overhead (lut/model.py): a small difference of chain and
+    # stand-in times. Each shape's stand-in rows are therefore measured right before that shape's chains, in
+    # the same or the next chunk of interleaved rounds, so that a drift of the machine's speed over a long
+    # profile does not enter the difference.
+    shapes = list(dict.fromkeys(j.shape for j in trans))
+    stand_in = {shape: target.transition_stand_in(shape).signature for shape in shapes}
+    moved = set(stand_in.values())
+    jobs += [j for j in layer_jobs.values() if j.signature not in moved]
+    placed = set()
+    for shape in shapes:
+        if stand_in[shape] not in placed:
+            placed.add(stand_in[shape])
+            jobs += [j for j in layer_jobs.values() if j.signature == stand_in[shape]]
+        jobs += [j for j in trans if j.shape == shape]
     return jobs
 
 

@@ -62,6 +62,29 @@ def test_plan_jobs_unique_layers_and_transitions(resnet20_graph):
     assert not [j for j in plan_jobs(specs, edges, ort, transitions=False) if j.kind == "transition"]
 
 
+def test_each_shapes_stand_in_is_measured_right_before_its_chains(resnet20_graph):
+    """Transition costs are differences of chain and stand-in rows, so each shape's stand-in layer jobs
+    come immediately before that shape's transition jobs (one block per shape, every job kept once)."""
+    from hwmpq.lut.model import profiling_specs
+
+    specs, edges = resnet20_graph
+    ort = get_target("ort-x86")
+    jobs = plan_jobs(profiling_specs(specs, edges, ort), edges, ort)
+    keys = [(j.kind, j.signature, j.src_precision, j.precision) for j in jobs]
+    assert len(keys) == len(set(keys))
+    shapes = list(dict.fromkeys(j.shape for j in jobs if j.kind == "transition"))
+    assert len(shapes) > 1
+    for shape in shapes:
+        first = next(i for i, j in enumerate(jobs) if j.kind == "transition" and j.shape == shape)
+        last = max(i for i, j in enumerate(jobs) if j.kind == "transition" and j.shape == shape)
+        assert all(j.shape == shape for j in jobs[first:last + 1])
+        stand_in = ort.transition_stand_in(shape).signature
+        at = [i for i, j in enumerate(jobs) if j.kind == "layer" and j.signature == stand_in]
+        assert len(at) == len(ort.precisions.conv)
+        # right before its chains, or before the chains of an earlier shape with the same stand-in
+        assert at[-1] < first and all(jobs[i].kind == "transition" for i in range(at[-1] + 1, first))
+
+
 class FlakyFake(FakeTarget):
     """Build fails for w2a2 everywhere; run fails for w4a4 on depthwise convs; optional dead device or
     Ctrl-C after ``die_after`` successful runs."""

@@ -145,6 +145,41 @@ def summarise_csv(a) -> None:
                                   "seconds_total": sum(r["seconds"] for r in rows)}, indent=1))
 
 
+def measure_plans(a) -> None:
+    """Export the searched plans cached in ``--out`` (and uniform fp32 and w8a8) from the float weights
+    (calibrated, not fine-tuned: latency does not depend on the weights' values) and time them in ONE
+    interleaved run on ort-x86, so "the same budget" is checked on the device, not only by the LUT."""
+    import tempfile
+
+    from hwmpq.lut.validate import export_plan, measure_interleaved
+    from hwmpq.targets import get_target
+
+    out = Path(a.out)
+    model = create_model(a.model, num_classes=10, in_chans=1)
+    model.load_state_dict(torch.load(a.weights, weights_only=True))
+    model.eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    plans = {u: BitPlan.uniform(names, Precision.parse(u)) for u in ("fp32", "w8a8")}
+    meta = {}
+    for method in ("saq", "ssps"):
+        path = out / f"{a.model}_{method}_plan.json"
+        if path.is_file():
+            plans[method], meta[method] = load_plan(path), json.loads(path.with_suffix(".meta.json").read_text())
+    target, x = get_target("ort-x86", threads=1), torch.randn(1, 1, 28, 28)
+    with tempfile.TemporaryDirectory(prefix="hwmpq-qat-measure-") as tmp:
+        exports = [export_plan(target, model, plan, x, f"{tmp}/{k}") for k, plan in plans.items()]
+        timed = measure_interleaved(target, exports, MeasureConfig(warmup=20, repeat=100, threads=1))
+    rows = [{"plan": k, "measured_ms": t[0], "p90_ms": t[2], "error": t[3],
+             "predicted_ms": meta.get(k, {}).get("predicted_ms")} for k, t in zip(plans, timed, strict=True)]
+    fp = rows[0]["measured_ms"]
+    for r in rows:
+        r["x_fp32"] = r["measured_ms"] / fp if r["measured_ms"] and fp else None
+        print(f"{r['plan']:6s} measured {r['measured_ms']:.4f} ms ({r['x_fp32']:.3f}x fp32), "
+              f"LUT {r['predicted_ms'] or float('nan'):.4f} ms", flush=True)
+    atomic_write_text(out / f"{a.model}_plans_measured.json",
+                      json.dumps({"rows": rows, "loadavg": os.getloadavg()}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet20")
@@ -168,7 +203,12 @@ def main() -> None:
                     "do not overwrite each other; --summarise-only merges <model>_runs*.csv")
     ap.add_argument("--summarise-only", action="store_true", help="summarise <out>/<model>_runs.csv (e.g. of an "
                     "interrupted bench) into <model>_partial_summary.json and print it; no training")
+    ap.add_argument("--measure-plans", action="store_true", help="export the searched plans in --out (with "
+                    "--weights) and time them against fp32 and w8a8 in one interleaved run; no training")
     a = ap.parse_args()
+    if a.measure_plans:
+        measure_plans(a)
+        return
     if a.summarise_only:
         summarise_csv(a)
         return
