@@ -9,7 +9,7 @@ Encoding of hwmpq's quantizers (zero point is always 0 in torch):
   ``session.qdqisint8allowed=1`` but measured ~8x slower on this AVX2 CPU). On AVX2 without VNNI the
   fast u8 x s8 kernel (vpmaddubsw) saturates int16 pair sums for large codes (measured: 92% top-1
   agreement on a first layer with signed input); sessions on such CPUs therefore set
-  ``session.x64quantprecision=1`` (exact; with VNNI the fast path is exact: targets/ort/target.py).
+  ``session.x64quantprecision=1`` (exact; with VNNI the fast path is exact: targets/ort/timing.py).
   Widths below 8 get a Clip to the narrow range before QuantizeLinear.
 - activations at 16 bits: int16 (signed) or uint16 (unsigned), zero point 0.
 - weights: int8 (8 bits, and 2-7 bits stored in int8), native int4 (4 bits), int16 (16 bits); per

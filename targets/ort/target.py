@@ -22,7 +22,7 @@ from hwmpq.records import FP32, BitPlan, BuildResult, LayerSpec, MeasureConfig, 
 
 from ..base import DeviceInfo, ExportResult, TargetPrecisions
 from . import layers
-from .timing import time_model
+from .timing import fast_int8_is_exact, time_model
 
 W8A8, W4A8, W16A16, W4A32 = Precision(8, 8), Precision(4, 8), Precision(16, 16), Precision(4, 32)
 ORT_PRECISIONS = TargetPrecisions(
@@ -54,19 +54,6 @@ def cpu_details() -> dict[str, str]:
             wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
             info["flags"] = ",".join(f for f in wanted if f in have)
     return info
-
-
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def fast_int8_is_exact(flags: str | None = None) -> bool:
-    """True when ORT's default ("fast") u8 x s8 kernels cannot saturate on this CPU: with AVX512-VNNI,
-    AVX-VNNI or AMX they accumulate u8 x s8 products straight into int32 (vpdpbusd); with AVX2 alone they
-    sum pairs of products into int16 (vpmaddubsw), which saturates. Measured on an AVX512-VNNI EPYC: the
-    fast path equals the exact one on a layer built to saturate int16 pair sums (tests/test_ort_target.py)
-    and runs a 64->64 3x3 conv at 16x16 in 0.053 ms against 0.130 ms (0.168 ms in fp32)."""
-    have = set((flags if flags is not None else cpu_details().get("flags", "")).replace(",", " ").split())
-    return any(f in have for f in VNNI_FLAGS)
 
 
 class OrtTarget:

@@ -28,17 +28,32 @@ _NP = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": n
        "tensor(int64)": np.int64}
 
 
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def fast_int8_is_exact(flags: str | None = None) -> bool:
+    """True when ORT's default ("fast") u8 x s8 kernels cannot saturate on this CPU: with AVX512-VNNI,
+    AVX-VNNI or AMX they accumulate u8 x s8 products straight into int32 (vpdpbusd); with AVX2 alone they
+    sum pairs of products into int16 (vpmaddubsw), which saturates. Measured on an AVX512-VNNI EPYC: the
+    fast path equals the exact one on a layer built to saturate int16 pair sums (tests/test_ort_target.py)
+    and runs a 64->64 3x3 conv at 16x16 in 0.053 ms against 0.130 ms (0.168 ms in fp32)."""
+    if flags is None:
+        from hwmpq.lut.fingerprint import local_cpu_details
+
+        flags = local_cpu_details()["flags"]
+    have = set(flags.replace(",", " ").split())
+    return any(f in have for f in VNNI_FLAGS)
+
+
 def session_options(threads: int, optimized_path: str | None = None, exact_u8s8: bool | None = None):
     """``exact_u8s8``: ``session.x64quantprecision=1``, ORT's exact u8 x s8 path, needed on AVX2 CPUs without
     VNNI (the fast path, vpmaddubsw, saturates int16 pair sums: measured 92% top-1 agreement with torch on a
     first layer with signed input, 100% exact; the exact path cost ~1.2-1.7x on int8 convs there). With VNNI
     the fast path is exact and the exact one 2.4x slower; ``None`` decides by this CPU
-    (targets/ort/target.py: ``fast_int8_is_exact``)."""
+    (:func:`fast_int8_is_exact`)."""
     import onnxruntime as ort
 
     if exact_u8s8 is None:
-        from .target import fast_int8_is_exact
-
         exact_u8s8 = not fast_int8_is_exact()
 
     so = ort.SessionOptions()
