@@ -146,6 +146,17 @@ class Edge:
         return hashlib.sha256(json.dumps(list(self.tensor_shape)).encode()).hexdigest()[:16]
 
 
+def pair_signature(src: LayerSpec, dst: LayerSpec) -> str:
+    """Signature of a chain of two real layers: the transition of an edge measured with its own neighbours."""
+    return hashlib.sha256(json.dumps(["pair", src.signature, dst.signature]).encode()).hexdigest()[:16]
+
+
+def chains(src: LayerSpec, dst: LayerSpec, edge: Edge) -> bool:
+    """Whether ``src``'s output is ``dst``'s input as it stands (no pooling or reshaping between), so that
+    the two layers can be timed as one two-layer chain."""
+    return src.output_shape == edge.tensor_shape == dst.input_shape
+
+
 STATISTICS = ("median", "p10")
 
 

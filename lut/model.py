@@ -7,11 +7,13 @@
 - ``layer_ms``: the isolated single-layer session, measured *in context* (integer codes in and out for
   quantized layers, so no Q/DQ of its own), minus the per-session call overhead that every isolated
   measurement carries once and a whole model pays once.
-- ``T_e``: from transition rows C(a, b), the time of a two-layer chain of stand-ins on the edge's tensor
-  shape (targets/ort/layers.py: ``transition_model``), and S(p), the stand-in alone (a layer row;
-  :func:`profiling_specs` adds the stand-ins to what is profiled); see :func:`transition_matrix`. T holds
+- ``T_e``: from transition rows C(a, b), the time of a two-layer chain at precisions (a, b). Where the
+  edge's two layers chain as they stand, C is those two real layers (targets/ort/layers.py:
+  ``chain_model``) and T = C - R_src(a) - R_dst(b) + overhead (:func:`pair_matrix`); elsewhere C is a
+  chain of stand-ins on the edge's tensor shape and S(p) the stand-in alone (a layer row;
+  :func:`profiling_specs` adds the stand-ins to what is profiled; :func:`transition_matrix`). T holds
   what handing the tensor across costs beyond what the isolated layer rows include: DQ/ReLU/Q glue,
-  layout changes between integer (NHWC) and float (NCHWc) kernels, lost fusions.
+  layout changes between integer (NHWC) and float (NCHWc) kernels, lost fusions, cache effects.
 - ``overhead_ms``: the overhead row (one empty session run).
 
 Edges: pass :func:`edges_through_merges` (edges also across residual adds, where the exporter dequantizes
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision
+from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision, chains, pair_signature
 
 from .table import LatencyTable
 
@@ -104,18 +106,51 @@ REFERENCE = LayerSpec("speed_reference", "conv", 32, 32, (3, 3), padding=(1, 1),
 
 
 def profiling_specs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target) -> list[LayerSpec]:
-    """``specs`` plus the speed :data:`REFERENCE` and the target's transition stand-ins (one per edge tensor
-    shape), which must be profiled as layers for :func:`build_table` to turn chain times into transition
-    costs."""
+    """``specs`` plus the speed :data:`REFERENCE` and the target's transition stand-ins (one per tensor
+    shape of the edges not timed with their own two layers), which must be profiled as layers for
+    :func:`build_table` to turn chain times into transition costs."""
+    from hwmpq.profilers.jobs import timed_as_pair
+
     known = {s.signature for s in specs}
+    by_fqn = {s.fqn: s for s in specs}
     specs = list(specs) + ([REFERENCE] if REFERENCE.signature not in known else [])
     if not hasattr(target, "transition_stand_in"):
         return specs
     extra = {}
     for e in edges:
+        if e.src in by_fqn and e.dst in by_fqn and timed_as_pair(e, by_fqn, target):
+            continue
         st = target.transition_stand_in(e.tensor_shape)
         extra.setdefault(st.signature, st)
     return specs + [s for sig, s in extra.items() if sig not in known]
+
+
+def pair_matrix(store, src: LayerSpec, dst: LayerSpec, cands, allowed_src, allowed_dst, config,
+                overhead_ms: float) -> tuple[np.ndarray, int, bool]:
+    """[P, P] matrix T_e of an edge timed with its own two layers, how many entries were missing, and
+    whether any chain row was found (an older LUT has only stand-in chains: :func:`transition_matrix`).
+
+    ``T[a, b] = C(a, b) - R_src(a) - R_dst(b) + overhead``, C the chain of the two real layers and R
+    their layer rows, so that the rows plus T reproduce the chain. The diagonal keeps its sign (a chain of
+    two float convs shares one NCHWc layout change: negative; DQ/ReLU/Q glue between integer layers:
+    positive), bounded below by ``overhead - min(R_src(a), R_dst(a))``; a boundary is clamped at >= 0,
+    as in :func:`transition_matrix`."""
+    t = np.zeros((len(cands), len(cands)))
+    sig = pair_signature(src, dst)
+    missing, found = 0, False
+    for a in allowed_src:
+        for b in allowed_dst:
+            c = _ok_latency(store.get("transition", sig, b, config, src_precision=a), config)
+            r_src = _ok_latency(store.get("layer", src.signature, a, config), config)
+            r_dst = _ok_latency(store.get("layer", dst.signature, b, config), config)
+            found |= c is not None
+            if c is None or r_src is None or r_dst is None:
+                missing += 1
+                continue
+            cost = c - r_src - r_dst + overhead_ms
+            t[cands.index(a), cands.index(b)] = (max(cost, overhead_ms - min(r_src, r_dst)) if a == b
+                                                 else max(cost, 0.0))
+    return t, missing, found
 
 
 def transition_matrix(store, edge: Edge, cands, allowed_src, allowed_dst, config, overhead_ms: float,
@@ -187,8 +222,13 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
     for e in edges:
         i, j = index[e.src], index[e.dst]
         allowed_i, allowed_j = target.precisions.for_layer(specs[i]), target.precisions.for_layer(specs[j])
-        stand_in = target.transition_stand_in(e.tensor_shape) if hasattr(target, "transition_stand_in") else None
-        t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config, overhead_ms or 0.0, stand_in)
+        found = False
+        if hasattr(target, "build_pair") and chains(specs[i], specs[j], e):
+            t, miss, found = pair_matrix(store, specs[i], specs[j], cands, allowed_i, allowed_j, config,
+                                         overhead_ms or 0.0)
+        if not found:
+            stand_in = target.transition_stand_in(e.tensor_shape) if hasattr(target, "transition_stand_in") else None
+            t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config, overhead_ms or 0.0, stand_in)
         n_missing += miss
         n_total += len(allowed_i) * len(allowed_j)
         transitions.append((i, j, t * share[(e.src, e.dst)]))

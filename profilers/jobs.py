@@ -1,18 +1,25 @@
 """Measurement jobs: what a profile of one model on one target has to time, each unique thing once.
 
 Three kinds (DESIGN.md, "The LUT"): a ``layer`` job per unique (layer signature, precision the target
-runs for that layer); a ``transition`` job per unique (edge tensor shape, producer precision, consumer
-precision), the cost of handing a tensor across a precision boundary (only if the target has
-``build_transition``); one ``overhead`` job, the per-model constant (only if it has ``build_overhead``).
+runs for that layer); ``transition`` jobs, the cost of handing a tensor from one layer to the next; one
+``overhead`` job, the per-model constant (only if the target has ``build_overhead``).
+
+A transition is timed as a two-layer chain at every (producer precision, consumer precision) pair. Where
+the target has ``build_pair`` and the edge's two layers chain as they stand, the chain is those two layers
+(one job per unique (layer pair, precision pair), signature :func:`hwmpq.records.pair_signature`): the
+boundary costs what it costs between *these* layers (a large expanded tensor into a depthwise conv is not
+a small one between two 3x3 convs). Otherwise (pooling or a reshape between, or a target with only
+``build_transition``) it is a chain of the target's stand-in layers on the edge's tensor shape, one job per
+unique (tensor shape, precision pair).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from hwmpq.records import FP32, BuildResult, Edge, LayerSpec, Precision
+from hwmpq.records import FP32, BuildResult, Edge, LayerSpec, Precision, chains, pair_signature
 
 OVERHEAD_SIGNATURE = "overhead"
 
@@ -20,7 +27,8 @@ OVERHEAD_SIGNATURE = "overhead"
 @dataclass(frozen=True)
 class MeasureJob:
     """One thing to time. ``precision`` is the layer's (for a transition: the consumer's), ``src_precision``
-    the producer's (transitions only); ``spec`` is set for layer jobs, ``shape`` for transitions."""
+    the producer's (transitions only); ``spec`` is set for layer jobs, ``shape`` for transitions, and for
+    a transition timed with its own layers ``src_spec`` and ``spec`` are the producer and consumer."""
 
     kind: str  # layer | transition | overhead
     signature: str
@@ -28,6 +36,7 @@ class MeasureJob:
     src_precision: Precision | None = None
     spec: LayerSpec | None = None
     shape: tuple[int, ...] | None = None
+    src_spec: LayerSpec | None = None
     fqns: tuple[str, ...] = ()  # the model's layers (or edges "src->dst") this job stands for
 
     @property
@@ -37,8 +46,9 @@ class MeasureJob:
             what = f"{s.kind} {s.in_channels}->{s.out_channels} k{s.kernel[0]} s{s.stride[0]} {s.in_hw[0]}x{s.in_hw[1]}"
             return f"layer {what} @ {self.precision.label} ({self.fqns[0]})"
         if self.kind == "transition":
-            dims = "x".join(map(str, self.shape or ()))
-            return f"transition {dims} {self.src_precision.label}->{self.precision.label}"
+            what = ("x".join(map(str, self.shape or ())) if self.src_spec is None
+                    else f"{self.src_spec.fqn}->{self.spec.fqn}")
+            return f"transition {what} {self.src_precision.label}->{self.precision.label}"
         return "per-model overhead"
 
     @property
@@ -46,6 +56,8 @@ class MeasureJob:
         """What the signature stands for, as stored in the LUT's shapes table."""
         if self.kind == "layer":
             return json.dumps(self.spec.shape_fields, sort_keys=True)
+        if self.kind == "transition" and self.src_spec is not None:
+            return json.dumps({"pair": [self.src_spec.shape_fields, self.spec.shape_fields]}, sort_keys=True)
         if self.kind == "transition":
             return json.dumps({"tensor_shape": list(self.shape or ())})
         return json.dumps({"overhead": True})
@@ -55,6 +67,8 @@ class MeasureJob:
         try:
             if self.kind == "layer":
                 return target.build_layer(self.spec, self.precision)
+            if self.kind == "transition" and self.src_spec is not None:
+                return target.build_pair(self.src_spec, self.src_precision, self.spec, self.precision)
             if self.kind == "transition":
                 return target.build_transition(self.shape, self.src_precision, self.precision)
             return target.build_overhead()
@@ -64,58 +78,83 @@ class MeasureJob:
             return BuildResult(None, f"build raised {type(e).__name__}: {e}")
 
 
+def timed_as_pair(edge: Edge, by_fqn: dict[str, LayerSpec], target) -> bool:
+    """Whether ``edge``'s transition is timed with its own two layers (else with stand-ins)."""
+    return hasattr(target, "build_pair") and chains(by_fqn[edge.src], by_fqn[edge.dst], edge)
+
+
 def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
               transitions: bool = True) -> list[MeasureJob]:
-    """Unique jobs in a stable order: overhead, layers in execution order, then per edge tensor shape its
-    transition stand-in's layer jobs followed by its transition jobs."""
+    """Unique jobs in a stable order: overhead; then, walking the layers in execution order, each layer's
+    jobs followed by the pair-chain jobs of the edges into it; then per remaining edge tensor shape its
+    stand-in's layer jobs followed by its stand-in chain jobs.
+
+    A transition cost is a chain time minus the two layer rows in it (lut/model.py): a small difference
+    of large numbers. So a chain is measured right after the rows it is compared with, in the same or the
+    next chunk of interleaved rounds, and a drift of the machine's speed over a long profile does not
+    enter the difference."""
     jobs: list[MeasureJob] = []
     if hasattr(target, "build_overhead"):
         jobs.append(MeasureJob("overhead", OVERHEAD_SIGNATURE, FP32))
-    layer_jobs: dict[tuple, MeasureJob] = {}
+    layer_jobs: dict[str, list[MeasureJob]] = {}
     by_fqn = {s.fqn: s for s in specs}
     for spec in specs:
+        mine = layer_jobs.setdefault(spec.signature, [])
         for p in target.precisions.for_layer(spec):
-            key = (spec.signature, p)
-            if key in layer_jobs:
-                old = layer_jobs[key]
-                layer_jobs[key] = MeasureJob("layer", old.signature, p, spec=old.spec, fqns=old.fqns + (spec.fqn,))
+            at = next((i for i, j in enumerate(mine) if j.precision == p), None)
+            if at is None:
+                mine.append(MeasureJob("layer", spec.signature, p, spec=spec, fqns=(spec.fqn,)))
             else:
-                layer_jobs[key] = MeasureJob("layer", spec.signature, p, spec=spec, fqns=(spec.fqn,))
+                old = mine[at]
+                mine[at] = MeasureJob("layer", old.signature, p, spec=old.spec, fqns=old.fqns + (spec.fqn,))
     if not (transitions and hasattr(target, "build_transition")):
-        return jobs + list(layer_jobs.values())
-    trans = _transition_jobs(edges, by_fqn, target)
-    if not hasattr(target, "transition_stand_in"):
-        return jobs + list(layer_jobs.values()) + trans
-    # A transition cost is C(a, b) - S(a) - S(b) + overhead (lut/model.py): a small difference of chain and
-    # stand-in times. Each shape's stand-in rows are therefore measured right before that shape's chains, in
-    # the same or the next chunk of interleaved rounds, so that a drift of the machine's speed over a long
-    # profile does not enter the difference.
+        return jobs + [j for mine in layer_jobs.values() for j in mine]
+    for e in edges:
+        if e.src not in by_fqn or e.dst not in by_fqn:
+            raise ValueError(f"edge {e.src}->{e.dst} names a layer that is not in the layer list")
+    paired = [e for e in edges if timed_as_pair(e, by_fqn, target)]
+    loose = [e for e in edges if not timed_as_pair(e, by_fqn, target)]
+    pairs = _transition_jobs(paired, by_fqn, target, as_pair=True)
+    trans = _transition_jobs(loose, by_fqn, target, as_pair=False)
     shapes = list(dict.fromkeys(j.shape for j in trans))
-    stand_in = {shape: target.transition_stand_in(shape).signature for shape in shapes}
-    moved = set(stand_in.values())
-    jobs += [j for j in layer_jobs.values() if j.signature not in moved]
-    placed = set()
+    stand_in = ({shape: target.transition_stand_in(shape).signature for shape in shapes}
+                if hasattr(target, "transition_stand_in") else {})
+    placed: set[str] = set(stand_in.values())
+    placed_pairs: set[str] = set()
+    for spec in specs:
+        if spec.signature not in placed:
+            placed.add(spec.signature)
+            jobs += layer_jobs[spec.signature]
+        for e in paired:
+            sig = pair_signature(by_fqn[e.src], by_fqn[e.dst])
+            if e.dst == spec.fqn and sig not in placed_pairs:
+                placed_pairs.add(sig)
+                jobs += [j for j in pairs if j.signature == sig]
+    placed_shapes: set = set()
     for shape in shapes:
-        if stand_in[shape] not in placed:
-            placed.add(stand_in[shape])
-            jobs += [j for j in layer_jobs.values() if j.signature == stand_in[shape]]
+        if shape in stand_in and stand_in[shape] not in placed_shapes:
+            placed_shapes.add(stand_in[shape])
+            jobs += layer_jobs.get(stand_in[shape], [])
         jobs += [j for j in trans if j.shape == shape]
     return jobs
 
 
-def _transition_jobs(edges: Sequence[Edge], by_fqn: dict[str, LayerSpec], target) -> list[MeasureJob]:
+def _transition_jobs(edges: Sequence[Edge], by_fqn: dict[str, LayerSpec], target, *,
+                     as_pair: bool) -> list[MeasureJob]:
     out: dict[tuple, MeasureJob] = {}
     for e in edges:
-        if e.src not in by_fqn or e.dst not in by_fqn:
-            raise ValueError(f"edge {e.src}->{e.dst} names a layer that is not in the layer list")
-        for sp in target.precisions.for_layer(by_fqn[e.src]):
-            for dp in target.precisions.for_layer(by_fqn[e.dst]):
-                key = (e.signature, sp, dp)
+        src, dst = by_fqn[e.src], by_fqn[e.dst]
+        sig = pair_signature(src, dst) if as_pair else e.signature
+        for sp in target.precisions.for_layer(src):
+            for dp in target.precisions.for_layer(dst):
+                key = (sig, sp, dp)
                 name = f"{e.src}->{e.dst}"
                 if key in out:
                     old = out[key]
-                    out[key] = MeasureJob("transition", old.signature, dp, sp, shape=old.shape,
-                                          fqns=old.fqns + (name,))
+                    out[key] = replace(old, fqns=old.fqns + (name,))
+                elif as_pair:
+                    out[key] = MeasureJob("transition", sig, dp, sp, spec=dst, shape=e.tensor_shape, src_spec=src,
+                                          fqns=(name,))
                 else:
-                    out[key] = MeasureJob("transition", e.signature, dp, sp, shape=e.tensor_shape, fqns=(name,))
+                    out[key] = MeasureJob("transition", sig, dp, sp, shape=e.tensor_shape, fqns=(name,))
     return list(out.values())

@@ -18,7 +18,7 @@ from hwmpq.lut.store import LutStore
 from hwmpq.targets.base import DeviceInfo, TargetPrecisions
 
 from hwmpq.graph import analyse
-from hwmpq.records import FP32, BitPlan, Edge, LayerSpec, MeasureConfig, Measurement, Precision
+from hwmpq.records import FP32, BitPlan, Edge, LayerSpec, MeasureConfig, Measurement, Precision, pair_signature
 from hwmpq.zoo import create_model
 
 W8 = Precision(8, 8)
@@ -110,6 +110,39 @@ def test_a_boundary_never_earns_a_credit(tmp_path):
     (_, _, t), = table.transitions
     f, q = table.candidates.index(FP32), table.candidates.index(W8)
     assert t[f, q] == 0 and t[q, f] == 0 and t[f, f] < 0
+
+
+class PairTarget(TwoPrecisionTarget):
+    """The hand target that times edges with their own two layers (rows are still written by hand)."""
+
+    def build_pair(self, *args):
+        raise AssertionError("rows are written by hand")
+
+    build_transition = build_pair
+
+
+def test_an_edge_timed_with_its_own_layers_subtracts_their_rows(hand_store):
+    """T[a, b] = C(a, b) - R_A(a) - R_B(b) + overhead for a pair chain of the real layers A and B; a LUT
+    without pair rows (profiled before pairs, or a target without them) falls back to its stand-in chains."""
+    store, _ = hand_store
+    target = PairTarget()
+    stand_in_table = build_table(store, [A, B], [EDGE], CFG, target)  # no pair rows yet: stand-in chains
+    np.testing.assert_allclose(stand_in_table.transitions[0][2],
+                               build_table(store, [A, B], [EDGE], CFG, TwoPrecisionTarget()).transitions[0][2])
+    sig = pair_signature(A, B)
+    pair = {(FP32, FP32): 1.30, (W8, W8): 0.80, (FP32, W8): 1.40, (W8, FP32): 0.85}
+    store.add_many([row("transition", sig, d, ms, src=s) for (s, d), ms in pair.items()])
+    table = build_table(store, [A, B], [EDGE], CFG, target)
+    f, q = table.candidates.index(FP32), table.candidates.index(W8)
+    (_, _, t), = table.transitions
+    assert t[f, f] == pytest.approx(1.30 - 1.01 - 0.41 + 0.01)  # negative: shared layout change
+    assert t[q, q] == pytest.approx(0.80 - 0.51 - 0.21 + 0.01)
+    assert t[f, q] == pytest.approx(1.40 - 1.01 - 0.21 + 0.01)
+    assert t[q, f] == pytest.approx(0.0)  # 0.85 - 0.51 - 0.41 + 0.01 < 0: a boundary earns no credit
+    for (a, b), c in pair.items():  # rows + T reproduce each chain (but the clamped boundary)
+        lat, _ = table.predict(BitPlan.from_dict({"a": a, "b": b}))
+        if (a, b) != (W8, FP32):
+            assert lat == pytest.approx(c)
 
 
 def test_missing_rows_name_the_layers_and_foreign_stores_are_refused(hand_store, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from hwmpq.targets import get_target
 from hwmpq.targets.energy import modeled_energy_mj
 from hwmpq.targets.ort import layers
-from hwmpq.targets.ort.target import ORT_PRECISIONS, OrtTarget
+from hwmpq.targets.ort.target import ORT_PRECISIONS, W8A8, OrtTarget
 from hwmpq.targets.ort.timing import make_session, random_feeds, summarize
 
 from hwmpq.records import FP32, BuildResult, LayerSpec, MeasureConfig, Precision
@@ -103,6 +103,25 @@ def test_transitions_and_overhead_build_and_run(target, tmp_path):
     assert ops["QLinearConv"] == 2, ops  # both stand-ins stay integer kernels in the chain
     sess = make_session(layers.transition_model((1, 8, 4, 4), FP32, Precision(8, 8)).SerializeToString(), 1)
     assert sess.run(None, random_feeds(sess))[0].dtype == np.uint8
+
+
+def test_a_pair_chain_computes_its_two_layers_in_sequence(target, tmp_path):
+    """The fp32 chain of two real layers is layer(src) -> ReLU -> layer(dst) with the same seeded weights as
+    their own layer rows; integer chains keep both integer kernels; layers that do not chain are refused."""
+    expand = LayerSpec("e", "conv", 8, 32, (1, 1), in_hw=(6, 6), out_hw=(6, 6), bias=False)
+    dw = LayerSpec("d", "dwconv", 32, 32, (3, 3), padding=(1, 1), groups=32, in_hw=(6, 6), out_hw=(6, 6), bias=False)
+    x = np.random.default_rng(0).standard_normal(expand.input_shape).astype(np.float32)
+    first = make_session(layers.layer_model(expand, FP32).SerializeToString(), 1)
+    second = make_session(layers.layer_model(dw, FP32).SerializeToString(), 1)
+    want = second.run(None, {"x": np.maximum(first.run(None, {"x": x})[0], 0)})[0]
+    chain = make_session(layers.chain_model(expand, FP32, dw, FP32).SerializeToString(), 1)
+    np.testing.assert_allclose(chain.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+    assert optimized_ops(layers.chain_model(expand, W8A8, dw, W8A8), tmp_path)["QLinearConv"] == 2
+    for a, b in [(FP32, W8A8), (W8A8, FP32), (Precision(16, 16), Precision(4, 8))]:
+        build = target.build_pair(expand, a, dw, b)
+        assert build.error_msg is None and target.run(build, FAST).error_msg is None
+    assert "cannot chain" in target.build_pair(dw, FP32, expand, FP32).error_msg
+    assert "cannot run" in target.build_pair(expand, Precision(4, 32), dw, FP32).error_msg
 
 
 def test_device_fingerprint_depends_on_threads_and_registry():

@@ -20,7 +20,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from hwmpq.graph import analyse
-from hwmpq.records import MeasureConfig, Measurement, Precision, RunResult
+from hwmpq.records import MeasureConfig, Measurement, Precision, RunResult, chains, pair_signature
 from hwmpq.zoo import create_model
 
 FAST = MeasureConfig(warmup=2, repeat=5)
@@ -34,6 +34,15 @@ def resnet20_graph():
 
 
 @pytest.fixture(scope="module")
+def resnet20_merged(resnet20_graph):
+    """resnet20's layers with the edges the latency model uses (also across residual adds, and the
+    pooled edge into fc, which does not chain as it stands)."""
+    from hwmpq.lut.model import edges_through_merges
+
+    return resnet20_graph[0], edges_through_merges(create_model("resnet20"), torch.zeros(1, 3, 32, 32))
+
+
+@pytest.fixture(scope="module")
 def tiny_graph():
     return analyse(create_model("test_tiny", in_chans=1), torch.zeros(1, 1, 8, 8))
 
@@ -42,8 +51,8 @@ def _store(tmp_path, target, name="p.lut") -> LutStore:
     return LutStore.open(tmp_path / name, target=target.id, device=target.device())
 
 
-def test_plan_jobs_unique_layers_and_transitions(resnet20_graph):
-    specs, edges = resnet20_graph
+def test_plan_jobs_unique_layers_and_transitions(resnet20_merged):
+    specs, edges = resnet20_merged
     fake = get_target("fake")
     jobs = plan_jobs(specs, edges, fake)
     sigs = {s.signature for s in specs}
@@ -53,7 +62,12 @@ def test_plan_jobs_unique_layers_and_transitions(resnet20_graph):
         s.fqn for s in specs)
     ort = get_target("ort-x86")
     by = {s.fqn: s for s in specs}
-    want = {(e.signature, sp, dp) for e in edges for sp in ort.precisions.for_layer(by[e.src])
+
+    def sig(e):  # the edge's own two layers where they chain, a stand-in chain on its shape otherwise
+        return pair_signature(by[e.src], by[e.dst]) if chains(by[e.src], by[e.dst], e) else e.signature
+
+    assert 0 < sum(chains(by[e.src], by[e.dst], e) for e in edges) < len(edges)  # both kinds occur
+    want = {(sig(e), sp, dp) for e in edges for sp in ort.precisions.for_layer(by[e.src])
             for dp in ort.precisions.for_layer(by[e.dst])}
     ojobs = plan_jobs(specs, edges, ort)
     got = [(j.signature, j.src_precision, j.precision) for j in ojobs if j.kind == "transition"]
@@ -62,16 +76,53 @@ def test_plan_jobs_unique_layers_and_transitions(resnet20_graph):
     assert not [j for j in plan_jobs(specs, edges, ort, transitions=False) if j.kind == "transition"]
 
 
+class StandInsOnly:
+    """ort-x86 without ``build_pair``: every transition is timed with stand-ins (as on tvm targets)."""
+
+    def __init__(self, target):
+        self._t = target
+
+    def __getattr__(self, name):
+        if name == "build_pair":
+            raise AttributeError(name)
+        return getattr(self._t, name)
+
+
+def test_each_pair_chain_is_measured_right_after_its_layers(resnet20_merged):
+    """A pair's transition cost is its chain minus its two layers' rows: its chain jobs come right after
+    the consumer's layer jobs (or another pair's chains into the same consumer), after the producer's."""
+    from hwmpq.lut.model import profiling_specs
+
+    specs, edges = resnet20_merged
+    ort = get_target("ort-x86")
+    jobs = plan_jobs(profiling_specs(specs, edges, ort), edges, ort)
+    keys = [(j.kind, j.signature, j.src_precision, j.precision) for j in jobs]
+    assert len(keys) == len(set(keys))
+    pairs = list(dict.fromkeys(j.signature for j in jobs if j.kind == "transition" and j.src_spec is not None))
+    assert len(pairs) > 1
+    for sig in pairs:
+        at = [i for i, j in enumerate(jobs) if j.signature == sig]
+        assert at == list(range(at[0], at[-1] + 1)) and len(at) == len(ort.precisions.conv) ** 2
+        j = jobs[at[0]]
+        src_at = [i for i, x in enumerate(jobs) if x.kind == "layer" and x.signature == j.src_spec.signature]
+        dst_at = [i for i, x in enumerate(jobs) if x.kind == "layer" and x.signature == j.spec.signature]
+        assert max(src_at) < at[0] and max(dst_at) < at[0]
+        first_of_sig = next(s.fqn for s in specs if s.signature == j.spec.signature)
+        if j.fqns[0].split("->")[1] == first_of_sig:  # (a repeated consumer's rows came with its first use)
+            assert all(jobs[i].kind == "transition" for i in range(max(dst_at) + 1, at[0]))
+
+
 def test_each_shapes_stand_in_is_measured_right_before_its_chains(resnet20_graph):
     """Transition costs are differences of chain and stand-in rows, so each shape's stand-in layer jobs
     come immediately before that shape's transition jobs (one block per shape, every job kept once)."""
     from hwmpq.lut.model import profiling_specs
 
     specs, edges = resnet20_graph
-    ort = get_target("ort-x86")
+    ort = StandInsOnly(get_target("ort-x86"))
     jobs = plan_jobs(profiling_specs(specs, edges, ort), edges, ort)
     keys = [(j.kind, j.signature, j.src_precision, j.precision) for j in jobs]
     assert len(keys) == len(set(keys))
+    assert not [j for j in jobs if j.src_spec is not None]
     shapes = list(dict.fromkeys(j.shape for j in jobs if j.kind == "transition"))
     assert len(shapes) > 1
     for shape in shapes:

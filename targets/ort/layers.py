@@ -4,7 +4,8 @@ A quantized layer is measured *in context*: its input arrives already as integer
 leaves as integer codes (``x_q -> DQ -> Conv(DQ(W), DQ(b)) -> Q -> y_q``), which ORT fuses into one
 QLinearConv/QGemm for uint8 x int8. The float<->integer hand-over (Q, DQ, requantize) is measured apart,
 per tensor shape and precision pair (:func:`transition_model`), so sum(layers) + sum(transitions) +
-session overhead describes the exported whole model. Weights are random but seeded by the signature.
+session overhead describes the exported whole model. A transition is timed as a two-layer chain
+(:func:`chain_model`): the edge's own two layers where they chain, stand-ins otherwise. Weights are random but seeded by the signature.
 """
 
 from __future__ import annotations
@@ -140,22 +141,33 @@ def stand_in_spec(shape: tuple[int, ...]) -> LayerSpec:
                      bias=False, macs=n * c * h * w, params=c)
 
 
-def transition_model(shape: tuple[int, ...], src: Precision, dst: Precision) -> onnx.ModelProto:
-    """A chain ``producer(src) -> glue -> consumer(dst)`` of stand-ins on a tensor of ``shape``.
+def chain_model(src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: Precision) -> onnx.ModelProto:
+    """A chain ``src_spec(src) -> glue -> dst_spec(dst)``: two layers as the exporter joins them, each with
+    the seeded weights of its own layer row (``src_spec``'s output must be ``dst_spec``'s input).
 
-    Its time C(src, dst) includes what a precision boundary costs in context (Q/DQ, ORT's layout
-    changes between NHWC integer kernels and NCHWc float kernels, lost fusions); lut/model.py uses
-    C(src, dst) - S(src) - S(dst) + overhead as the transition cost, S being the stand-in measured alone
-    as a layer (profile :func:`stand_in_spec` of every edge shape, see ``lut.model.profiling_specs``)."""
-    spec = stand_in_spec(tuple(shape))
+    Its time C includes what the boundary costs in context (Q/DQ, ORT's layout changes between NHWC
+    integer kernels and NCHWc float kernels, lost fusions, the cache state the producer leaves);
+    lut/model.py uses C - R(src) - R(dst) + overhead as the edge's transition cost, R being the two
+    layer rows."""
+    if src_spec.output_shape != dst_spec.input_shape:
+        raise ValueError(f"cannot chain {src_spec.fqn} (output {list(src_spec.output_shape)}) into {dst_spec.fqn} "
+                         f"(input {list(dst_spec.input_shape)})")
     parts = GraphParts()
-    rng = np.random.default_rng(0)
-    a = emit_random_layer(parts, spec, src, "x", "a", rng)
+    a = emit_random_layer(parts, src_spec, src, "x", "a", _rng(src_spec))
     g = emit_glue(parts, a, "g", src, dst)
-    emit_random_layer(parts, spec, dst, g, "y", rng)
-    return make_model(parts, [_value_info("x", io_elem(src, False), spec.input_shape)],
-                      [_value_info("y", io_elem(dst, True), spec.output_shape)],
-                      f"transition_{src.label}_{dst.label}")
+    emit_random_layer(parts, dst_spec, dst, g, "y", _rng(dst_spec))
+    return make_model(parts, [_value_info("x", io_elem(src, False), src_spec.input_shape)],
+                      [_value_info("y", io_elem(dst, True), dst_spec.output_shape)],
+                      f"chain_{src.label}_{dst.label}")
+
+
+def transition_model(shape: tuple[int, ...], src: Precision, dst: Precision) -> onnx.ModelProto:
+    """:func:`chain_model` of two stand-ins on a tensor of ``shape``: the transition of an edge whose two
+    layers do not chain as they stand (pooling or a reshape between). lut/model.py uses
+    C(src, dst) - S(src) - S(dst) + overhead, S being the stand-in measured alone as a layer (profile
+    :func:`stand_in_spec` of every such edge shape, see ``lut.model.profiling_specs``)."""
+    spec = stand_in_spec(tuple(shape))
+    return chain_model(spec, src, spec, dst)
 
 
 def overhead_model(shape: tuple[int, ...] = (1, 1)) -> onnx.ModelProto:

@@ -117,6 +117,17 @@ class OrtTarget:
             return BuildResult(None, str(e))
         return self._save(model, f"{spec.kind}_{spec.signature}_{precision.label}")
 
+    def build_pair(self, src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: Precision) -> BuildResult:
+        """The edge's own two layers chained, ``src_spec`` at ``src`` into ``dst_spec`` at ``dst``."""
+        for spec, p in ((src_spec, src), (dst_spec, dst)):
+            if p not in self.precisions.for_layer(spec):
+                return BuildResult(None, f"ort-x86 cannot run {p.label} for a {spec.kind} layer ({spec.fqn})")
+        try:
+            model = layers.chain_model(src_spec, src, dst_spec, dst)
+        except ValueError as e:
+            return BuildResult(None, str(e))
+        return self._save(model, f"pair_{src.label}_{dst.label}")
+
     def build_transition(self, shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult:
         return self._save(layers.transition_model(tuple(shape), src, dst), f"transition_{src.label}_{dst.label}")
 
