@@ -24,6 +24,12 @@ PASS_THROUGH_FUNCTIONS = {
 PASS_THROUGH_METHODS = {"flatten", "view", "reshape", "mean", "relu", "size", "add", "mul", "contiguous"}
 
 
+ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid",
+                      nn.SiLU: "silu"}
+ACTIVATION_FUNCTIONS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.nn.functional.relu6: "relu6",
+                        torch.nn.functional.hardswish: "hardswish"}
+
+
 class UnsupportedModelError(ValueError):
     """The model holds a layer or operation hwmpq cannot analyse; the message names it."""
 
@@ -83,6 +89,36 @@ def _spec(fqn: str, mod: nn.Module, in_shape: torch.Size, out_shape: torch.Size)
     )
 
 
+def _activation_of(node: fx.Node, modules: dict) -> str | None:
+    if node.op == "call_module":
+        return ACTIVATION_MODULES.get(type(modules[node.target]))
+    if node.op == "call_function":
+        return ACTIVATION_FUNCTIONS.get(node.target)
+    if node.op == "call_method" and node.target == "relu":
+        return "relu"
+    return None
+
+
+def input_activations(gm: fx.GraphModule) -> dict[str, str]:
+    """Per quantizable layer, the activation applied to its input since the tensor was last computed by a
+    layer or a merge (residual add, concat): ``records.ACTIVATIONS``; ``none`` if there is none."""
+    modules = dict(gm.named_modules())
+    act: dict[fx.Node, str] = {}
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op == "call_module" and isinstance(modules[node.target], QUANTIZABLE):
+            out[node.target] = act.get(node.args[0], "none")
+            act[node] = "none"
+        elif _activation_of(node, modules) is not None:
+            act[node] = _activation_of(node, modules)
+        elif len([a for a in inputs if a.op != "get_attr"]) == 1:
+            act[node] = act.get(inputs[0], "none")
+        else:  # a merge or a graph input
+            act[node] = "none"
+    return out
+
+
 def analyse(model: nn.Module, example_input: torch.Tensor) -> tuple[list[LayerSpec], list[Edge]]:
     """Layers in execution order and the edges between quantizable layers (through pass-through ops)."""
     gm = trace(model)
@@ -98,6 +134,7 @@ def analyse(model: nn.Module, example_input: torch.Tensor) -> tuple[list[LayerSp
     finally:
         model.train(was_training)
     modules = dict(gm.named_modules())
+    activation = input_activations(gm)
     specs: list[LayerSpec] = []
     producers: dict[fx.Node, set[str]] = {}
     edges: list[Edge] = []
@@ -115,7 +152,7 @@ def analyse(model: nn.Module, example_input: torch.Tensor) -> tuple[list[LayerSp
             in_shape = in_node.meta["tensor_meta"].shape
             spec = _spec(node.target, modules[node.target], in_shape, node.meta["tensor_meta"].shape)
             specs.append(spec)
-            edges.extend(Edge(src, spec.fqn, tuple(in_shape)) for src in sorted(upstream))
+            edges.extend(Edge(src, spec.fqn, tuple(in_shape), activation[spec.fqn]) for src in sorted(upstream))
             producers[node] = {spec.fqn}
         else:
             producers[node] = upstream

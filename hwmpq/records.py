@@ -135,20 +135,29 @@ class Edge:
     src: str
     dst: str
     tensor_shape: tuple[int, ...]
+    # the elementwise activation applied on the way (after the last merge, if any): one of ACTIVATIONS.
+    # ORT fuses it into a float conv, and ReLU6 (a Clip) costs a float conv far more than ReLU does.
+    activation: str = "relu"
 
     _version = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensor_shape", tuple(int(v) for v in self.tensor_shape))
+        if self.activation not in ACTIVATIONS:
+            raise RecordError(f"Edge {self.src}->{self.dst}: activation {self.activation!r} is not one of {ACTIVATIONS}")
 
     @property
     def signature(self) -> str:
         return hashlib.sha256(json.dumps(list(self.tensor_shape)).encode()).hexdigest()[:16]
 
 
-def pair_signature(src: LayerSpec, dst: LayerSpec) -> str:
-    """Signature of a chain of two real layers: the transition of an edge measured with its own neighbours."""
-    return hashlib.sha256(json.dumps(["pair", src.signature, dst.signature]).encode()).hexdigest()[:16]
+ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "sigmoid", "silu")
+
+
+def pair_signature(src: LayerSpec, dst: LayerSpec, activation: str = "relu") -> str:
+    """Signature of a chain of two real layers joined by ``activation``: the transition of an edge measured
+    with its own neighbours."""
+    return hashlib.sha256(json.dumps(["pair", src.signature, dst.signature, activation]).encode()).hexdigest()[:16]
 
 
 def chains(src: LayerSpec, dst: LayerSpec, edge: Edge) -> bool:

@@ -229,6 +229,9 @@ def validate_command(
     seed: Annotated[int, typer.Option(help="seed of the random plans")] = 0,
     warmup: Annotated[int | None, typer.Option(help="default: the LUT's measurement protocol")] = None,
     repeat: Annotated[int | None, typer.Option(help="default: the LUT's measurement protocol")] = None,
+    rounds: Annotated[int | None, typer.Option(
+        help="interleaved rounds the repeats are spread over (default: the LUT's); on a machine whose slow "
+             "spells last seconds, e.g. --repeat 400 --rounds 20")] = None,
     statistic: Annotated[str, typer.Option(help="latency quoted for layers and whole models: p10 or median")] = "p10",
     force: Annotated[bool, typer.Option(help="use a LUT of another device knowingly")] = False,
 ) -> None:
@@ -249,8 +252,8 @@ def validate_command(
         store = LutStore.open(lut, target=target.id, device=target.device(), force=force)
     except ValueError as e:
         raise _fail(str(e)) from None
-    measure = dataclasses.replace(lut_config, **{k: v for k, v in (("warmup", warmup), ("repeat", repeat))
-                                                 if v is not None})
+    measure = dataclasses.replace(lut_config, **{k: v for k, v in (("warmup", warmup), ("repeat", repeat),
+                                                                   ("rounds", rounds)) if v is not None})
     with store:
         try:
             report = validate(store, net, x, plans, lut_config, seed, json_out, target=target, model_name=model,

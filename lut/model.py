@@ -125,18 +125,18 @@ def profiling_specs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target) -
     return specs + [s for sig, s in extra.items() if sig not in known]
 
 
-def pair_matrix(store, src: LayerSpec, dst: LayerSpec, cands, allowed_src, allowed_dst, config,
+def pair_matrix(store, src: LayerSpec, dst: LayerSpec, activation: str, cands, allowed_src, allowed_dst, config,
                 overhead_ms: float) -> tuple[np.ndarray, int, bool]:
     """[P, P] matrix T_e of an edge timed with its own two layers, how many entries were missing, and
     whether any chain row was found (an older LUT has only stand-in chains: :func:`transition_matrix`).
 
-    ``T[a, b] = C(a, b) - R_src(a) - R_dst(b) + overhead``, C the chain of the two real layers and R
-    their layer rows, so that the rows plus T reproduce the chain. The diagonal keeps its sign (a chain of
+    ``T[a, b] = C(a, b) - R_src(a) - R_dst(b) + overhead``, C the chain of the two real layers joined by
+    the edge's activation and R their layer rows (without it), so that the rows plus T reproduce the chain. The diagonal keeps its sign (a chain of
     two float convs shares one NCHWc layout change: negative; DQ/ReLU/Q glue between integer layers:
     positive), bounded below by ``overhead - min(R_src(a), R_dst(a))``; a boundary is clamped at >= 0,
     as in :func:`transition_matrix`."""
     t = np.zeros((len(cands), len(cands)))
-    sig = pair_signature(src, dst)
+    sig = pair_signature(src, dst, activation)
     missing, found = 0, False
     for a in allowed_src:
         for b in allowed_dst:
@@ -224,8 +224,8 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
         allowed_i, allowed_j = target.precisions.for_layer(specs[i]), target.precisions.for_layer(specs[j])
         found = False
         if hasattr(target, "build_pair") and chains(specs[i], specs[j], e):
-            t, miss, found = pair_matrix(store, specs[i], specs[j], cands, allowed_i, allowed_j, config,
-                                         overhead_ms or 0.0)
+            t, miss, found = pair_matrix(store, specs[i], specs[j], e.activation, cands, allowed_i, allowed_j,
+                                         config, overhead_ms or 0.0)
         if not found:
             stand_in = target.transition_stand_in(e.tensor_shape) if hasattr(target, "transition_stand_in") else None
             t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config, overhead_ms or 0.0, stand_in)
@@ -245,11 +245,12 @@ def edges_through_merges(model, example_input) -> list[Edge]:
     """``analyse`` edges plus edges across merges (residual add, concat): the merged tensor counts as
     produced by the layers feeding the merge directly (not through an earlier merge), because that is
     where the exporter dequantizes the producer and requantizes for the next consumer."""
-    from hwmpq.graph import QUANTIZABLE, analyse, trace
+    from hwmpq.graph import QUANTIZABLE, analyse, input_activations, trace
 
     specs, base = analyse(model, example_input)
     shape_of = {s.fqn: s.input_shape for s in specs}
     gm = trace(model)
+    activation = input_activations(gm)
     modules = dict(gm.named_modules())
     state: dict = {}
     out = {(e.src, e.dst): e for e in base}
@@ -258,7 +259,8 @@ def edges_through_merges(model, example_input) -> list[Edge]:
         if node.op == "call_module" and isinstance(modules[node.target], QUANTIZABLE):
             src_state = state.get(node.args[0], (set(), False))
             for src in sorted(src_state[0]):
-                out.setdefault((src, node.target), Edge(src, node.target, shape_of[node.target]))
+                out.setdefault((src, node.target), Edge(src, node.target, shape_of[node.target],
+                                                                activation[node.target]))
             state[node] = ({node.target}, True)
         elif len(feeding) > 1:
             direct = [s for s, d in feeding if d]

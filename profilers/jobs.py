@@ -6,9 +6,10 @@ runs for that layer); ``transition`` jobs, the cost of handing a tensor from one
 
 A transition is timed as a two-layer chain at every (producer precision, consumer precision) pair. Where
 the target has ``build_pair`` and the edge's two layers chain as they stand, the chain is those two layers
-(one job per unique (layer pair, precision pair), signature :func:`hwmpq.records.pair_signature`): the
-boundary costs what it costs between *these* layers (a large expanded tensor into a depthwise conv is not
-a small one between two 3x3 convs). Otherwise (pooling or a reshape between, or a target with only
+joined by the edge's own activation (one job per unique (layer pair, activation, precision pair),
+signature :func:`hwmpq.records.pair_signature`): the boundary costs what it costs between *these* layers
+(a large expanded tensor into a depthwise conv is not a small one between two 3x3 convs; a ReLU6 fused
+into a float conv costs it far more than a ReLU). Stand-in chains are joined by a ReLU. Otherwise (pooling or a reshape between, or a target with only
 ``build_transition``) it is a chain of the target's stand-in layers on the edge's tensor shape, one job per
 unique (tensor shape, precision pair).
 """
@@ -37,6 +38,7 @@ class MeasureJob:
     spec: LayerSpec | None = None
     shape: tuple[int, ...] | None = None
     src_spec: LayerSpec | None = None
+    activation: str = "relu"  # the edge's (pair chains only)
     fqns: tuple[str, ...] = ()  # the model's layers (or edges "src->dst") this job stands for
 
     @property
@@ -47,7 +49,7 @@ class MeasureJob:
             return f"layer {what} @ {self.precision.label} ({self.fqns[0]})"
         if self.kind == "transition":
             what = ("x".join(map(str, self.shape or ())) if self.src_spec is None
-                    else f"{self.src_spec.fqn}->{self.spec.fqn}")
+                    else f"{self.src_spec.fqn}-{self.activation}->{self.spec.fqn}")
             return f"transition {what} {self.src_precision.label}->{self.precision.label}"
         return "per-model overhead"
 
@@ -57,7 +59,8 @@ class MeasureJob:
         if self.kind == "layer":
             return json.dumps(self.spec.shape_fields, sort_keys=True)
         if self.kind == "transition" and self.src_spec is not None:
-            return json.dumps({"pair": [self.src_spec.shape_fields, self.spec.shape_fields]}, sort_keys=True)
+            return json.dumps({"pair": [self.src_spec.shape_fields, self.spec.shape_fields],
+                               "activation": self.activation}, sort_keys=True)
         if self.kind == "transition":
             return json.dumps({"tensor_shape": list(self.shape or ())})
         return json.dumps({"overhead": True})
@@ -68,7 +71,8 @@ class MeasureJob:
             if self.kind == "layer":
                 return target.build_layer(self.spec, self.precision)
             if self.kind == "transition" and self.src_spec is not None:
-                return target.build_pair(self.src_spec, self.src_precision, self.spec, self.precision)
+                return target.build_pair(self.src_spec, self.src_precision, self.spec, self.precision,
+                                         self.activation)
             if self.kind == "transition":
                 return target.build_transition(self.shape, self.src_precision, self.precision)
             return target.build_overhead()
@@ -126,7 +130,7 @@ def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
             placed.add(spec.signature)
             jobs += layer_jobs[spec.signature]
         for e in paired:
-            sig = pair_signature(by_fqn[e.src], by_fqn[e.dst])
+            sig = pair_signature(by_fqn[e.src], by_fqn[e.dst], e.activation)
             if e.dst == spec.fqn and sig not in placed_pairs:
                 placed_pairs.add(sig)
                 jobs += [j for j in pairs if j.signature == sig]
@@ -144,7 +148,7 @@ def _transition_jobs(edges: Sequence[Edge], by_fqn: dict[str, LayerSpec], target
     out: dict[tuple, MeasureJob] = {}
     for e in edges:
         src, dst = by_fqn[e.src], by_fqn[e.dst]
-        sig = pair_signature(src, dst) if as_pair else e.signature
+        sig = pair_signature(src, dst, e.activation) if as_pair else e.signature
         for sp in target.precisions.for_layer(src):
             for dp in target.precisions.for_layer(dst):
                 key = (sig, sp, dp)
@@ -154,7 +158,7 @@ def _transition_jobs(edges: Sequence[Edge], by_fqn: dict[str, LayerSpec], target
                     out[key] = replace(old, fqns=old.fqns + (name,))
                 elif as_pair:
                     out[key] = MeasureJob("transition", sig, dp, sp, spec=dst, shape=e.tensor_shape, src_spec=src,
-                                          fqns=(name,))
+                                          activation=e.activation, fqns=(name,))
                 else:
                     out[key] = MeasureJob("transition", sig, dp, sp, shape=e.tensor_shape, fqns=(name,))
     return list(out.values())

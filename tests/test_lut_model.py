@@ -175,6 +175,22 @@ def test_edges_cross_residual_adds():
     assert ("layers.0.2.conv2", "layers.1.0.shortcut.0") in pairs
     # not through two merges: block 0.0's conv2 does not feed block 0.2 directly
     assert ("layers.0.0.conv2", "layers.0.2.conv1") not in pairs
+    # the activation on an edge is the one after the last merge: resnet's ReLU follows the residual add
+    act = {(e.src, e.dst): e.activation for e in edges}
+    assert act[("layers.0.0.conv2", "layers.0.1.conv1")] == act[("layers.0.0.conv1", "layers.0.0.conv2")] == "relu"
+
+
+def test_edges_carry_the_activation_the_exported_graph_holds():
+    """MobileNetV2: ReLU6 (a Clip in ONNX) after expand and depthwise convs, nothing after the linear
+    bottleneck's projection (nor across its residual add)."""
+    model = create_model("mobilenetv2_050")
+    act = {(e.src, e.dst): e.activation for e in edges_through_merges(model, torch.zeros(1, 3, 32, 32))}
+    assert act[("features.3.conv.0.0", "features.3.conv.1.0")] == "relu6"
+    assert act[("features.3.conv.1.0", "features.3.conv.2")] == "relu6"
+    assert act[("features.3.conv.2", "features.4.conv.0.0")] == "none"  # across the residual add
+    assert act[("features.2.conv.2", "features.4.conv.0.0")] == "none"
+    with pytest.raises(ValueError, match="activation 'gelu'"):
+        Edge("a", "b", (1, 8), "gelu")
 
 
 @pytest.mark.slow

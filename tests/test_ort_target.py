@@ -106,16 +106,19 @@ def test_transitions_and_overhead_build_and_run(target, tmp_path):
 
 
 def test_a_pair_chain_computes_its_two_layers_in_sequence(target, tmp_path):
-    """The fp32 chain of two real layers is layer(src) -> ReLU -> layer(dst) with the same seeded weights as
-    their own layer rows; integer chains keep both integer kernels; layers that do not chain are refused."""
+    """The fp32 chain of two real layers is layer(src) -> activation -> layer(dst) with the same seeded
+    weights as their own layer rows; integer chains keep both integer kernels; layers that do not chain are refused."""
     expand = LayerSpec("e", "conv", 8, 32, (1, 1), in_hw=(6, 6), out_hw=(6, 6), bias=False)
     dw = LayerSpec("d", "dwconv", 32, 32, (3, 3), padding=(1, 1), groups=32, in_hw=(6, 6), out_hw=(6, 6), bias=False)
     x = np.random.default_rng(0).standard_normal(expand.input_shape).astype(np.float32)
     first = make_session(layers.layer_model(expand, FP32).SerializeToString(), 1)
     second = make_session(layers.layer_model(dw, FP32).SerializeToString(), 1)
-    want = second.run(None, {"x": np.maximum(first.run(None, {"x": x})[0], 0)})[0]
-    chain = make_session(layers.chain_model(expand, FP32, dw, FP32).SerializeToString(), 1)
-    np.testing.assert_allclose(chain.run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+    y = first.run(None, {"x": x})[0]
+    for activation, glue in [("relu", np.maximum(y, 0)), ("relu6", np.clip(y, 0, 6)), ("none", y),
+                             ("silu", y / (1 + np.exp(-y))), ("hardswish", y * np.clip(y + 3, 0, 6) / 6)]:
+        want = second.run(None, {"x": glue.astype(np.float32)})[0]
+        chain = make_session(layers.chain_model(expand, FP32, dw, FP32, activation).SerializeToString(), 1)
+        np.testing.assert_allclose(chain.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-4, err_msg=activation)
     assert optimized_ops(layers.chain_model(expand, W8A8, dw, W8A8), tmp_path)["QLinearConv"] == 2
     for a, b in [(FP32, W8A8), (W8A8, FP32), (Precision(16, 16), Precision(4, 8))]:
         build = target.build_pair(expand, a, dw, b)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import csv
 import json
 import tempfile
@@ -146,8 +147,10 @@ def agreement(out: Path, n_test: int = 1000, train_limit: int = 12000, epochs: i
     return report
 
 
-def validate_model(name: str, target: OrtTarget, config: MeasureConfig, out: Path, n_plans: int) -> None:
-    """``lut.validate`` on ``<out>/<name>.lut`` (profiled by the benchmark, stand-ins included)."""
+def validate_model(name: str, target: OrtTarget, config: MeasureConfig, out: Path, n_plans: int,
+                   timing: MeasureConfig) -> None:
+    """``lut.validate`` on ``<out>/<name>.lut`` (profiled by the benchmark, stand-ins included); whole models
+    timed under ``timing``."""
     from hwmpq.lut.validate import format_report, validate
 
     torch.manual_seed(0)
@@ -155,7 +158,7 @@ def validate_model(name: str, target: OrtTarget, config: MeasureConfig, out: Pat
     x = torch.randn(default_input_shape(name))
     with LutStore.open(out / f"{name}.lut", target=target.id, device=target.device()) as store:
         report = validate(store, model, x, n_plans, config, seed=0, json_out=str(out / f"validate_{name}.json"),
-                          target=target, model_name=name)
+                          target=target, model_name=name, measure_config=timing)
     print(name)
     print(format_report(report))
 
@@ -169,6 +172,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=60)
     ap.add_argument("--agreement", action="store_true", help="run the Fashion-MNIST export agreement instead")
     ap.add_argument("--validate", type=int, default=0, help="validate the LUTs in --out with N random plans per model")
+    ap.add_argument("--validate-repeat", type=int, default=400, help="validation: whole-model runs per plan")
+    ap.add_argument("--validate-rounds", type=int, default=20,
+                    help="validation: interleaved rounds they are spread over (slow spells here last seconds)")
     ap.add_argument("--train-limit", type=int, default=12000, help="agreement: training images")
     ap.add_argument("--qat-epochs", type=int, default=1, help="agreement: QAT epochs after calibration")
     ap.add_argument("--weights", default=None, help="agreement: trained float resnet20 weights (skip float training)")
@@ -182,7 +188,8 @@ def main() -> None:
     config = MeasureConfig(warmup=args.warmup, repeat=args.repeat, threads=args.threads)
     if args.validate:
         for name in args.models.split(","):
-            validate_model(name, target, config, out, args.validate)
+            timing = dataclasses.replace(config, repeat=args.validate_repeat, rounds=args.validate_rounds)
+            validate_model(name, target, config, out, args.validate, timing)
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="hwmpq-bench-") as tmp:

@@ -107,14 +107,38 @@ def emit_random_layer(parts: GraphParts, spec: LayerSpec, precision: Precision, 
                             _OUT_SCALE)
 
 
-def emit_glue(parts: GraphParts, src_q: str, out: str, src: Precision, dst: Precision) -> str:
+def emit_activation(parts: GraphParts, src: str, out: str, activation: str) -> str:
+    """``activation`` (records.ACTIVATIONS) as torch.onnx.export writes it: ReLU6 is a Clip to [0, 6], SiLU
+    is x * Sigmoid(x)."""
+    if activation == "none":
+        return src
+    y = f"{out}_{activation}"
+    if activation == "relu":
+        parts.nodes.append(helper.make_node("Relu", [src], [y], name=f"{y}_Relu"))
+    elif activation == "relu6":
+        lo = parts.const(f"{y}_lo", np.array(0.0, np.float32))
+        hi = parts.const(f"{y}_hi", np.array(6.0, np.float32))
+        parts.nodes.append(helper.make_node("Clip", [src, lo, hi], [y], name=f"{y}_Clip"))
+    elif activation == "hardswish":
+        parts.nodes.append(helper.make_node("HardSwish", [src], [y], name=f"{y}_HardSwish"))
+    elif activation in ("sigmoid", "silu"):
+        sig = y if activation == "sigmoid" else f"{y}_sigmoid"
+        parts.nodes.append(helper.make_node("Sigmoid", [src], [sig], name=f"{sig}_Sigmoid"))
+        if activation == "silu":
+            parts.nodes.append(helper.make_node("Mul", [src, sig], [y], name=f"{y}_Mul"))
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    return y
+
+
+def emit_glue(parts: GraphParts, src_q: str, out: str, src: Precision, dst: Precision,
+              activation: str = "relu") -> str:
     """What the exporter puts between two layers: DQ of the producer's signed codes (if integer), the
-    ReLU, Q to the consumer's unsigned codes (if integer)."""
+    activation, Q to the consumer's unsigned codes (if integer)."""
     cur = src_q
     if src.a_bits < 32:
         cur = parts.dequantize_act(cur, f"{out}_dq", _OUT_SCALE, src.a_bits, True, u8_carrier=True)
-    parts.nodes.append(helper.make_node("Relu", [cur], [f"{out}_relu"], name=f"{out}_Relu"))
-    cur = f"{out}_relu"
+    cur = emit_activation(parts, cur, out, activation)
     if dst.a_bits < 32:
         cur = parts.quantize_act(cur, f"{out}_q", _IN_SCALE, dst.a_bits, False)
     return cur
@@ -141,9 +165,11 @@ def stand_in_spec(shape: tuple[int, ...]) -> LayerSpec:
                      bias=False, macs=n * c * h * w, params=c)
 
 
-def chain_model(src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: Precision) -> onnx.ModelProto:
-    """A chain ``src_spec(src) -> glue -> dst_spec(dst)``: two layers as the exporter joins them, each with
-    the seeded weights of its own layer row (``src_spec``'s output must be ``dst_spec``'s input).
+def chain_model(src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: Precision,
+                activation: str = "relu") -> onnx.ModelProto:
+    """A chain ``src_spec(src) -> glue -> dst_spec(dst)``: two layers as the exporter joins them (the glue
+    holding the edge's ``activation``, which ORT fuses into a float producer), each with the seeded
+    weights of its own layer row (``src_spec``'s output must be ``dst_spec``'s input).
 
     Its time C includes what the boundary costs in context (Q/DQ, ORT's layout changes between NHWC
     integer kernels and NCHWc float kernels, lost fusions, the cache state the producer leaves);
@@ -154,7 +180,7 @@ def chain_model(src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: P
                          f"(input {list(dst_spec.input_shape)})")
     parts = GraphParts()
     a = emit_random_layer(parts, src_spec, src, "x", "a", _rng(src_spec))
-    g = emit_glue(parts, a, "g", src, dst)
+    g = emit_glue(parts, a, "g", src, dst, activation)
     emit_random_layer(parts, dst_spec, dst, g, "y", _rng(dst_spec))
     return make_model(parts, [_value_info("x", io_elem(src, False), src_spec.input_shape)],
                       [_value_info("y", io_elem(dst, True), dst_spec.output_shape)],
@@ -162,8 +188,8 @@ def chain_model(src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: P
 
 
 def transition_model(shape: tuple[int, ...], src: Precision, dst: Precision) -> onnx.ModelProto:
-    """:func:`chain_model` of two stand-ins on a tensor of ``shape``: the transition of an edge whose two
-    layers do not chain as they stand (pooling or a reshape between). lut/model.py uses
+    """:func:`chain_model` of two stand-ins on a tensor of ``shape``, joined by a ReLU: the transition of an
+    edge whose two layers do not chain as they stand (pooling or a reshape between). lut/model.py uses
     C(src, dst) - S(src) - S(dst) + overhead, S being the stand-in measured alone as a layer (profile
     :func:`stand_in_spec` of every such edge shape, see ``lut.model.profiling_specs``)."""
     spec = stand_in_spec(tuple(shape))
