@@ -65,6 +65,10 @@ def profile_command(
     transitions: Annotated[bool, typer.Option(help="also measure precision transitions")] = True,
     retry_failed: Annotated[bool, typer.Option(help="measure again jobs recorded as failures")] = False,
     max_run_failures: Annotated[int, typer.Option(help="stop after this many run failures in a row (0: never)")] = 5,
+    speed_tolerance: Annotated[float, typer.Option(
+        help="measure a chunk of jobs again when the speed reference, timed in every round, ran this much "
+             "slower than in the fastest chunk (a slow spell of a shared machine); 0: off")] = 0.10,
+    speed_retries: Annotated[int, typer.Option(help="at most this many extra attempts per slow chunk")] = 2,
     force: Annotated[bool, typer.Option(help="use a LUT of another device/target/schema knowingly")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
@@ -102,7 +106,8 @@ def profile_command(
 
             # transition stand-in layers (one per edge shape) are measured like layers: build_table needs them
             report = profile(profiling_specs(specs, edges, tgt), edges, tgt, store, config, progress=not quiet, transitions=transitions,
-                             retry_failed=retry_failed, max_run_failures=max_run_failures, console=console)
+                             retry_failed=retry_failed, max_run_failures=max_run_failures,
+                             speed_tolerance=speed_tolerance, speed_retries=speed_retries, console=console)
         finally:
             cleanup = getattr(tgt, "cleanup", None)  # built artifacts of a backend (temp files)
             if callable(cleanup):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hwmpq.records import BuildResult, Edge, LayerSpec, MeasureConfig, Measurement, RunResult
+from hwmpq.records import FP32, BuildResult, Edge, LayerSpec, MeasureConfig, Measurement, RunResult
 
 from .jobs import MeasureJob, plan_jobs
 
@@ -35,6 +35,8 @@ class ProfileReport:
     stop_reason: str | None  # why the profile stopped early (None: it finished)
     elapsed_s: float
     lut_rows: int  # rows in the LUT file at the end
+    retried_chunks: int = 0  # chunks measured again because the speed probe said the machine ran slow
+    slowest_chunk: float = 1.0  # the slowest committed chunk's probe p10 over the fastest chunk's
 
     @property
     def complete(self) -> bool:
@@ -123,7 +125,8 @@ def pending_jobs(jobs: Sequence[MeasureJob], store, config: MeasureConfig, retry
 class _Loop:
     """The measuring loop's state, so that an interrupt can say exactly what was kept."""
 
-    def __init__(self, target, store, config: MeasureConfig, max_run_failures: int, max_crashes: int) -> None:
+    def __init__(self, target, store, config: MeasureConfig, max_run_failures: int, max_crashes: int,
+                 speed_tolerance: float = 0.0, speed_retries: int = 0) -> None:
         self.target, self.store, self.config = target, store, config
         self.device = target.device()
         self.max_run_failures, self.max_crashes = max_run_failures, max_crashes
@@ -132,59 +135,149 @@ class _Loop:
         self.suspect: list[Measurement] = []  # consecutive run failures, held back until a run succeeds
         self.stop_reason: str | None = None
         self.rounds = min(config.rounds, config.repeat)
+        self.speed_tolerance, self.speed_retries = speed_tolerance, speed_retries
+        self.probe: BuildResult | None = None  # the speed reference, timed in every round of every chunk
+        self.best_probe_ms: float | None = None  # its fastest chunk p10 so far
+        self.retried = 0  # chunks measured again because the machine ran slow
+        self.kept: list[tuple[list, float]] = []  # committed chunks (their live jobs) and their probe p10
+        if speed_tolerance > 0 and not self.device.emulated:
+            from hwmpq.lut.model import REFERENCE
+
+            probe = target.build_layer(REFERENCE, FP32)
+            self.probe = probe if probe.artifact is not None and not probe.error_msg else None
 
     def step_chunk(self, jobs: Sequence[MeasureJob]) -> int:
-        """Measure ``jobs`` in ``config.rounds`` interleaved rounds (round r of every job, then round r+1);
-        each job's row is committed after its last round. Returns how many jobs ended (committed or
-        held back as suspect). Only the job whose run is under way is marked in flight, so a native
-        crash is blamed on that job alone."""
-        live: list[tuple[MeasureJob, Measurement, BuildResult, list[float]]] = []
+        """Measure ``jobs`` in ``config.rounds`` interleaved rounds (round r of every job, then round r+1)
+        and commit their rows. Returns how many jobs ended (committed or held back as suspect). Only the
+        job whose run is under way is marked in flight, so a native crash is blamed on that job alone.
+
+        Speed gate (``speed_tolerance`` > 0): the speed reference is timed in every round too; when its
+        p10 over the chunk is more than ``speed_tolerance`` above the fastest chunk's so far, the machine
+        was in a slow spell (on this shared VM they last seconds to minutes and slow every row alike), and
+        the chunk is measured again, up to ``speed_retries`` times; the fastest attempt is committed."""
+        live: list[tuple[MeasureJob, Measurement, BuildResult]] = []
         ended = 0
         for job in jobs:
-            probe = Measurement(latency_ms=None, **_fields(job, self.target, self.config, self.device))
-            died = self.store.job_started(probe)
+            key = Measurement(latency_ms=None, **_fields(job, self.target, self.config, self.device))
+            died = self.store.job_started(key)
             if died >= self.max_crashes > 0:
                 self.store.add(dataclasses.replace(
-                    probe, time_unix=time.time(), versions=tool_versions(),
+                    key, time_unix=time.time(), versions=tool_versions(),
                     error_msg=f"the profiler process died {died} times while measuring this "
                               "job (a crash in the backend?); not tried again (--retry-failed tries it)"))
                 self.failed += 1
                 ended += 1
                 continue
             build = job.build(self.target)
-            self.store.job_abandoned(probe, died)
+            self.store.job_abandoned(key, died)
             if build.error_msg or build.artifact is None:
                 self.store.add(build_failure(job, self.target, self.config, self.device, build))
                 self.failed += 1
                 ended += 1
                 continue
-            live.append((job, probe, build, []))
-        one_round, rounds = self.config.per_round(), self.rounds
-        for r in range(rounds):
-            still = []
-            for job, probe, build, samples in live:
-                died = self.store.job_started(probe)
-                self.current = probe
-                run = run_once(self.target, build, one_round)
-                self.store.job_abandoned(probe, died)
+            live.append((job, key, build))
+        return ended + self._measure(live)
+
+    def _measure(self, live, kept_ms: float | None = None) -> int:
+        """Time ``live`` (job, in-flight key, build) in attempts gated by the speed probe and commit the
+        fastest attempt's rows (only if its probe beat ``kept_ms``, the speed the rows already stored were
+        measured at). Returns how many jobs ended."""
+        best: tuple[float, dict] | None = None
+        ended = 0
+        for attempt in range(1 + (self.speed_retries if self.probe is not None else 0)):
+            samples, speed_ms, failed, dead = self._rounds(live)
+            ended += failed
+            if dead:  # the jobs that finished every round before the device died are kept, ungated
+                return ended + self._commit(samples, kept_ms)
+            live = [x for x in live if x[0] in samples]
+            speed_ms = float("inf") if speed_ms is None else speed_ms
+            if best is None or speed_ms < best[0]:
+                best = (speed_ms, samples)
+            if self.best_probe_ms is None or speed_ms <= self.best_probe_ms * (1 + self.speed_tolerance):
+                break
+            self.retried += attempt < self.speed_retries
+        speed_ms, samples = best if best is not None else (float("inf"), {})
+        if kept_ms is not None and not speed_ms < kept_ms:
+            return ended
+        if speed_ms != float("inf"):
+            self.best_probe_ms = min(self.best_probe_ms or speed_ms, speed_ms)
+            self.kept.append((live, speed_ms))
+        alive = {x[0] for x in live}
+        return ended + self._commit({j: lat for j, lat in samples.items() if j in alive}, kept_ms)
+
+    def _finished(self, samples: dict, order: list, current: MeasureJob, r: int) -> dict:
+        """The jobs that finished every round before ``current`` stopped round ``r`` (an interrupt, a dead
+        device): they are kept, without the speed gate's verdict."""
+        if r < self.rounds - 1:
+            return {}
+        return {j: samples[j] for j in order[:order.index(current)] if j in samples}
+
+    def _commit(self, samples: dict, kept_ms: float | None) -> int:
+        for job, lat in samples.items():
+            m = result(job, self.target, self.config, self.device, RunResult(tuple(lat)))
+            self.store.add(m)
+            self.measured += m.ok if kept_ms is None else 0  # (a re-measured row was counted once)
+            self.failed += not m.ok
+        return len(samples)
+
+    def final_pass(self) -> None:
+        """Measure again the chunks kept at a probe speed more than ``speed_tolerance`` slower than the
+        fastest chunk of the whole profile (an early chunk had nothing faster to be compared with)."""
+        if self.probe is None or self.best_probe_ms is None:
+            return
+        kept, self.kept = self.kept, []
+        for live, speed_ms in kept:
+            if speed_ms > self.best_probe_ms * (1 + self.speed_tolerance) and not self.stop_reason:
+                self.retried += 1
+                before = len(self.kept)
+                self._measure(live, kept_ms=speed_ms)
+                if len(self.kept) == before:  # not faster this time: the old rows stay
+                    self.kept.append((live, speed_ms))
+            else:
+                self.kept.append((live, speed_ms))
+
+    @property
+    def slowest_kept(self) -> float:
+        """The slowest committed chunk's probe p10 over the fastest (1.0 with no probe)."""
+        if not self.kept or self.best_probe_ms is None:
+            return 1.0
+        return max(speed for _, speed in self.kept) / self.best_probe_ms
+
+    def _rounds(self, live) -> tuple[dict, float | None, int, bool]:
+        """One attempt at ``live``: {job: samples} of the jobs whose every run succeeded, the probe's p10
+        over the attempt (None without a probe), how many jobs failed a run, and whether run failures in
+        a row stopped the profile (then only the jobs that had finished their last round are returned)."""
+        one_round = self.config.per_round()
+        samples: dict[MeasureJob, list[float]] = {job: [] for job, _, _ in live}
+        probe_ms: list[float] = []
+        failed = 0
+        for r in range(self.rounds):
+            if self.probe is not None:
+                run = run_once(self.target, self.probe, one_round)
+                probe_ms += list(run.latencies_ms or ())
+            order = [x[0] for x in live]
+            for job, key, build in live:
+                if job not in samples:
+                    continue
+                died = self.store.job_started(key)
+                self.current = key
+                try:
+                    run = run_once(self.target, build, one_round)
+                except KeyboardInterrupt:  # keep the jobs that had finished their last round
+                    self._commit(self._finished(samples, order, job, r), None)
+                    raise
+                self.store.job_abandoned(key, died)
                 self.current = None
                 if run.error_msg or not run.latencies_ms:
-                    ended += 1
+                    del samples[job]
+                    failed += 1
                     if self._run_failed(result(job, self.target, self.config, self.device, run)):
-                        return ended
+                        return self._finished(samples, order, job, r), None, failed, True
                     continue
                 self.flush()  # only a successful run shows the device is alive (a build failure says nothing)
-                samples.extend(run.latencies_ms)
-                if r < rounds - 1:
-                    still.append((job, probe, build, samples))
-                    continue
-                m = result(job, self.target, self.config, self.device, RunResult(tuple(samples)))
-                self.store.add(m)  # its last round: committed at once
-                self.measured += m.ok
-                self.failed += not m.ok
-                ended += 1
-            live = still
-        return ended
+                samples[job].extend(run.latencies_ms)
+        speed = float(np.percentile(probe_ms, 10)) if probe_ms else None
+        return samples, speed, failed, False
 
     def _run_failed(self, m: Measurement) -> bool:
         """Hold a run failure back (the device may be dead); True when that many in a row stop the profile."""
@@ -212,12 +305,15 @@ class _Loop:
 
 def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, config: MeasureConfig, *,
             progress: bool = True, transitions: bool = True, retry_failed: bool = False,
-            max_run_failures: int = 5, max_crashes: int = 2, console=None) -> ProfileReport:
+            max_run_failures: int = 5, max_crashes: int = 2, speed_tolerance: float = 0.10,
+            speed_retries: int = 2, console=None) -> ProfileReport:
     """Measure every unique job of the model that ``store`` lacks, committing each as it completes.
 
     Ctrl-C stops cleanly (committed rows stay; run the same command again to resume). A job inside which
     the process died ``max_crashes`` times (a native crash in a backend) is recorded as failed instead of
-    crashing every rerun. ``console``: a rich Console for progress and messages (default: stderr)."""
+    crashing every rerun. ``speed_tolerance``/``speed_retries``: the speed gate of :meth:`_Loop.step_chunk`
+    (0 turns it off; it is off on emulated devices). ``console``: a rich Console for progress and
+    messages (default: stderr)."""
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -228,12 +324,13 @@ def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, co
     if progress:
         console.print(f"[bold]{target.id}[/]: {len(jobs)} unique jobs, {len(jobs) - len(todo)} already in "
                       f"{store.path}, {len(todo)} to measure")
-    loop = _Loop(target, store, config, max_run_failures, max_crashes)
+    loop = _Loop(target, store, config, max_run_failures, max_crashes, speed_tolerance, speed_retries)
     if progress and loop.device.emulated:
         console.print("[yellow]the device is emulated: rows are marked emulated; their timings are not latencies[/]")
     interrupted = False
     try:
         _run_all(loop, todo, progress, console)
+        loop.final_pass()
         loop.flush()
     except KeyboardInterrupt:
         interrupted = True
@@ -243,7 +340,8 @@ def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, co
         loop.suspect.clear()
     report = ProfileReport(total=len(jobs), skipped=len(jobs) - len(todo), measured=loop.measured,
                            failed=loop.failed, dropped=loop.dropped, interrupted=interrupted,
-                           stop_reason=loop.stop_reason, elapsed_s=time.perf_counter() - t0, lut_rows=len(store))
+                           stop_reason=loop.stop_reason, elapsed_s=time.perf_counter() - t0, lut_rows=len(store),
+                           retried_chunks=loop.retried, slowest_chunk=loop.slowest_kept)
     if progress or interrupted or loop.stop_reason:
         console.print(describe(report, store.path))
     return report
@@ -311,4 +409,7 @@ def describe(report: ProfileReport, path) -> str:
                 f"the {report.total - report.skipped - report.measured - report.failed} missing jobs")
     if report.stop_reason:
         return f"[red]stopped[/]: {report.stop_reason}. {head}"
+    if report.retried_chunks:
+        head += (f". The machine ran slow during {report.retried_chunks} chunk(s), measured again; the slowest "
+                 f"chunk kept ran at {report.slowest_chunk:.2f}x the fastest's time")
     return head

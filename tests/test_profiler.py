@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 import typer
 from hwmpq.lut.store import LutStore
 from hwmpq.profilers.cli import register
 from hwmpq.profilers.jobs import plan_jobs
-from hwmpq.profilers.runner import profile
+from hwmpq.profilers.runner import FIRST_CHUNK, profile
 from hwmpq.targets import get_target
 from hwmpq.targets.fake import FakeTarget
 from rich.console import Console
@@ -182,13 +183,56 @@ def test_failures_are_rows_and_resume_skips_them(tmp_path, tiny_graph):
         assert all(m.ok for m in store.measurements())
 
 
+class SlowSpells(FakeTarget):
+    """Every run takes ``factor`` times longer while ``slow(run index)`` says the machine is in a slow spell."""
+
+    def __init__(self, slow, factor: float = 1.5) -> None:
+        self.runs, self.slow, self.factor = 0, slow, factor
+
+    def run(self, build, config):
+        r = super().run(build, config)
+        self.runs += 1
+        k = self.factor if self.slow(self.runs - 1) else 1.0
+        return RunResult(tuple(v * k for v in r.latencies_ms)) if r.latencies_ms else r
+
+
+def test_chunks_timed_in_a_slow_spell_are_measured_again(tmp_path, resnet20_graph):
+    """The speed probe times the reference conv in every round: a chunk it finds more than the tolerance
+    slower than the fastest chunk is measured again, and the rows kept are the fast attempt's; a first
+    chunk (nothing to compare with yet) that was slow is measured again at the end."""
+    specs, edges = resnet20_graph
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    with _store(clean, FakeTarget()) as store:
+        profile(specs, edges, FakeTarget(), store, FAST, progress=False)
+        want = {(m.signature, m.precision): m.p10_ms for m in store.measurements()}  # (the quoted statistic)
+    first = (FIRST_CHUNK + 1) * FAST.rounds  # the first chunk's runs, the probe's included
+    second = (len(want) - FIRST_CHUNK + 1) * FAST.rounds  # the rest is one chunk (fake runs are fast)
+    for name, slow in [("first", lambda i: i < 2 * first), ("second", lambda i: first <= i < first + second)]:
+        target = SlowSpells(slow)
+        with _store(tmp_path, target, f"{name}.lut") as store:
+            rep = profile(specs, edges, target, store, FAST, progress=False)
+            got = {(m.signature, m.precision): m.p10_ms for m in store.measurements()}
+        assert rep.complete and rep.retried_chunks >= 1 and rep.slowest_chunk == pytest.approx(1.0), name
+        assert got.keys() == want.keys() and rep.measured == len(want)
+        np.testing.assert_allclose([got[k] for k in want], list(want.values()), err_msg=name)
+    target = SlowSpells(lambda i: i % 2 == 0)  # never a clean chunk: after the retries the fastest is kept
+    with _store(tmp_path, target, "always.lut") as store:
+        rep = profile(specs, edges, target, store, FAST, progress=False, speed_retries=1)
+        assert rep.complete and len(store.measurements()) == len(want)
+    off = SlowSpells(lambda i: i < 200)
+    with _store(tmp_path, off, "off.lut") as store:
+        rep = profile(specs, edges, off, store, FAST, progress=False, speed_tolerance=0)
+        assert rep.retried_chunks == 0 and off.runs == len(want) * FAST.rounds
+
+
 def test_dead_device_stops_without_recording_suspects(tmp_path, resnet20_graph):
     specs, edges = resnet20_graph
     target = FlakyFake(die_after=7)
     with _store(tmp_path, target) as store:
         out = io.StringIO()
         rep = profile(specs, edges, target, store, ONE_ROUND, progress=False, max_run_failures=3,
-                      console=Console(file=out, width=200))
+                      speed_tolerance=0, console=Console(file=out, width=200))  # (no probe runs to count)
         assert rep.stop_reason and "3 runs in a row failed" in rep.stop_reason and rep.dropped == 3
         assert "connection refused" in out.getvalue() and "rerun" in out.getvalue()
         kept = store.measurements()
@@ -275,7 +319,7 @@ def test_job_that_kills_the_profiler_twice_is_recorded_as_failed(tmp_path, tiny_
     with _store(tmp_path, target) as store:
         assert [store.job_started(key(crasher)) for _ in range(2)] == [0, 1]
         assert store.job_started(key(once)) == 0  # one death (e.g. a kill) is not enough to give up
-        rep = profile(specs, edges, target, store, FAST, progress=False)
+        rep = profile(specs, edges, target, store, FAST, progress=False, speed_tolerance=0)  # (no probe runs)
         assert rep.complete and rep.failed == 1 and rep.measured == len(jobs) - 1 and len(ran) == 5 * (len(jobs) - 1)  # 5 rounds
         m = store.get(crasher.kind, crasher.signature, crasher.precision, FAST)
         assert not m.ok and "died 2 times" in m.error_msg
@@ -305,14 +349,14 @@ def test_rounds_interleave_jobs_and_commit_whole_rows(tmp_path, resnet20_graph):
     config = MeasureConfig(warmup=0, repeat=10, rounds=5)
     target = LoggingFake(stop_after=CHUNK * 2 + 3)  # Ctrl-C inside round 3 of the first chunk
     with _store(tmp_path, target) as store:
-        rep = profile(specs, edges, target, store, config, progress=False)
+        rep = profile(specs, edges, target, store, config, progress=False, speed_tolerance=0)  # (jobs' runs only)
         assert rep.interrupted and len(store) == 0  # no job of the chunk under way had all its samples
         first = [a for a, _ in target.log[:CHUNK]]
         assert len(set(first)) == CHUNK  # round 1 visits every job of the chunk once ...
         assert [a for a, _ in target.log[CHUNK:2 * CHUNK]] == first  # ... then round 2 in the same order
         assert {r for _, r in target.log} == {2}  # each run times one slice of the repeats
         done = LoggingFake()
-        rest = profile(specs, edges, done, store, config, progress=False)
+        rest = profile(specs, edges, done, store, config, progress=False, speed_tolerance=0)
         assert rest.complete and rest.measured == rest.total and len(done.log) == 5 * rest.total
         # the fake runs take no time, so the second chunk grows (4x at most): all the remaining jobs
         later = [a for a, _ in done.log[5 * CHUNK:]]
