@@ -113,11 +113,37 @@ def measure_interleaved(target, exports: list, config: MeasureConfig) -> list[tu
     return out
 
 
+def measure_at_speed(target, exports: list, config: MeasureConfig, ref_lut_ms: float | None, *,
+                     tolerance: float = 0.10, retries: int = 2) -> tuple[list[tuple], float | None]:
+    """:func:`measure_interleaved` of ``exports`` with the speed reference (``lut.model.REFERENCE``) timed
+    beside them; when the reference ran more than ``tolerance`` slower than its LUT row ``ref_lut_ms``
+    (a slow spell of a shared machine, as the profiler's speed gate also catches), all is timed again, up
+    to ``retries`` times. Returns the attempt with the fastest reference and its speed factor (reference
+    now over the LUT's; None without a reference row)."""
+    from .model import REFERENCE
+
+    if not ref_lut_ms:
+        return measure_interleaved(target, exports, config), None
+    ref = target.build_layer(REFERENCE, FP32)
+    best: tuple[list, float] | None = None
+    for _ in range(1 + retries):
+        timed = measure_interleaved(target, [*exports, ref], config)
+        now = timed.pop()[0]
+        speed = now / ref_lut_ms if now else float("inf")
+        if best is None or speed < best[1]:
+            best = (timed, speed)
+        if speed <= 1 + tolerance:
+            break
+    return best[0], (best[1] if best[1] != float("inf") else None)
+
+
 def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int, config: MeasureConfig,
              seed: int = 0, json_out: str | None = None, *, target=None, model_name: str = "",
-             allow_foreign: bool = False, measure_config: MeasureConfig | None = None) -> ValidationReport:
+             allow_foreign: bool = False, measure_config: MeasureConfig | None = None,
+             speed_tolerance: float = 0.10, speed_retries: int = 2) -> ValidationReport:
     """Predicted vs measured latency of ``n_plans`` random plans; MAPE and worst error. ``config`` is the
-    LUT's protocol and statistic; whole models are timed under ``measure_config`` (default: the same)."""
+    LUT's protocol and statistic; whole models are timed under ``measure_config`` (default: the same),
+    again if the machine ran slow (:func:`measure_at_speed`)."""
     from hwmpq.targets import get_target
 
     from hwmpq.graph import analyse
@@ -139,11 +165,8 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
     ref_lut = ref_row.quoted_ms(config.statistic) if ref_row is not None else None
     with tempfile.TemporaryDirectory(prefix="hwmpq-validate-") as tmp:
         exports = [export_plan(target, model, plan, example_input, f"{tmp}/plan{k}") for k, plan in enumerate(plans)]
-        if ref_lut:
-            exports.append(target.build_layer(REFERENCE, FP32))
-        timed = measure_interleaved(target, exports, measure_config or config)
-    ref_now = timed.pop()[0] if ref_lut else None
-    speed = ref_now / ref_lut if ref_now else None
+        timed, speed = measure_at_speed(target, exports, measure_config or config, ref_lut,
+                                        tolerance=speed_tolerance, retries=speed_retries)
     for plan, (quoted, p10, p90, err) in zip(plans, timed, strict=True):
         predicted, _ = table.predict(plan)
         pct = None if quoted is None else (predicted - quoted) / quoted * 100

@@ -1,7 +1,9 @@
-"""Run measurement jobs on a target and commit each result to the LUT as soon as it exists.
+"""Run measurement jobs on a target and commit each chunk of results to the LUT as soon as it is measured.
 
 Resume is a property of the store: a job whose key is already stored (ok, or failed unless
 ``retry_failed``) is skipped, so rerunning an interrupted profile measures only what is missing.
+A speed gate times the speed reference beside every chunk of jobs and measures a chunk again when the
+machine ran slow (:meth:`_Loop.step_chunk`).
 Build and run failures are rows (``error_msg``), not exceptions. Several run failures in a row
 (``max_run_failures``) mean the device is gone (RPC refused, board rebooted): the profile stops, and
 those suspect rows are NOT recorded, so the rerun measures them again. A per-job timeout
@@ -193,7 +195,8 @@ class _Loop:
             speed_ms = float("inf") if speed_ms is None else speed_ms
             if best is None or speed_ms < best[0]:
                 best = (speed_ms, samples)
-            if self.best_probe_ms is None or speed_ms <= self.best_probe_ms * (1 + self.speed_tolerance):
+            if (self.best_probe_ms is None or speed_ms == float("inf")  # (no verdict without a probe timing)
+                    or speed_ms <= self.best_probe_ms * (1 + self.speed_tolerance)):
                 break
             self.retried += attempt < self.speed_retries
         speed_ms, samples = best if best is not None else (float("inf"), {})

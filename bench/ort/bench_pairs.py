@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from hwmpq.lut.model import REFERENCE, build_table, edges_through_merges, profiling_specs
 from hwmpq.lut.store import LutStore
-from hwmpq.lut.validate import export_plan, measure_interleaved, random_plans
+from hwmpq.lut.validate import export_plan, measure_at_speed, random_plans
 from hwmpq.profilers.runner import profile
 from hwmpq.targets.ort.target import OrtTarget
 
@@ -72,16 +72,15 @@ def bench_model(name: str, n_random: int, target: OrtTarget, config: MeasureConf
         for label, view in views.items():
             report = profile(profiling_specs(specs, edges, view), edges, view, store, config, progress=False)
             print(f"{name}: profiled {label} chains: {report.measured} measured, {report.skipped} kept, "
-                  f"{report.failed} failed, {report.elapsed_s:.0f} s", flush=True)
+                  f"{report.failed} failed, {report.elapsed_s:.0f} s, {report.retried_chunks} slow chunks "
+                  f"measured again", flush=True)
         tables = {label: build_table(store, specs, edges, config, view) for label, view in views.items()}
         ref_row = store.get("layer", REFERENCE.signature, FP32, config)
     plans = fixed_plans(specs, target, tables)
     plans.update({f"random{k}": p for k, p in enumerate(random_plans(tables["pairs"], n_random, seed=1))})
     with tempfile.TemporaryDirectory(prefix="hwmpq-bench-pairs-") as tmp:
         exports = [export_plan(target, model, p, x, f"{tmp}/{k}") for k, p in plans.items()]
-        exports.append(target.build_layer(REFERENCE, FP32))
-        timed = measure_interleaved(target, exports, timing)
-    speed = timed.pop()[0] / ref_row.quoted_ms(config.statistic)
+        timed, speed = measure_at_speed(target, exports, timing, ref_row.quoted_ms(config.statistic))
     rows = []
     for (label, plan), (measured, p10, p90, err) in zip(plans.items(), timed, strict=True):
         if err:
@@ -129,6 +128,11 @@ def main() -> None:
                                  "mape_all_pct": float(np.mean([abs(r[f"err_{t}_pct"]) for r in got]))}
                              for t in ("stand_in", "pairs")}
             summary[name]["speed_factor"] = got[0]["speed_factor"]
+            same = [r["measured_ms"] for r in got if r["plan"].startswith("fastest_rows_")]
+            if len({r["plan"] for r in got if r["plan"].startswith("fastest_rows_")}) == 2:
+                spread = abs(same[0] - same[1]) / min(same) * 100  # (the same plan when rows agree)
+                summary[name]["same_plan_twice_pct"] = spread
+                print(f"the fastest-rows plan timed twice in this run: {spread:.1f}% apart (the run's noise)")
             for t in ("stand_in", "pairs"):
                 s = summary[name][t]
                 print(f"{t:>9}: random plans MAPE {s['mape_random_pct']:.1f}% worst {s['worst_random_pct']:.1f}%;"
