@@ -18,7 +18,16 @@ from hwmpq.lut.store import LutStore
 from hwmpq.targets.base import DeviceInfo, TargetPrecisions
 
 from hwmpq.graph import analyse
-from hwmpq.records import FP32, BitPlan, Edge, LayerSpec, MeasureConfig, Measurement, Precision, pair_signature
+from hwmpq.records import (
+    FP32,
+    BitPlan,
+    Edge,
+    LayerSpec,
+    MeasureConfig,
+    Measurement,
+    Precision,
+    pair_signature,
+)
 from hwmpq.zoo import create_model
 
 W8 = Precision(8, 8)

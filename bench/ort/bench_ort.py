@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import csv
+import dataclasses
 import json
 import tempfile
 import time
