@@ -131,10 +131,11 @@ def pair_matrix(store, src: LayerSpec, dst: LayerSpec, activation: str, cands, a
     whether any chain row was found (an older LUT has only stand-in chains: :func:`transition_matrix`).
 
     ``T[a, b] = C(a, b) - R_src(a) - R_dst(b) + overhead``, C the chain of the two real layers joined by
-    the edge's activation and R their layer rows (without it), so that the rows plus T reproduce the chain. The diagonal keeps its sign (a chain of
-    two float convs shares one NCHWc layout change: negative; DQ/ReLU/Q glue between integer layers:
-    positive), bounded below by ``overhead - min(R_src(a), R_dst(a))``; a boundary is clamped at >= 0,
-    as in :func:`transition_matrix`."""
+    the edge's activation and R their layer rows (without it), so that the rows plus T reproduce the
+    chain. The diagonal keeps its sign (a chain of two float convs shares one NCHWc layout change:
+    negative; DQ/activation/Q glue between integer layers: positive), bounded below by
+    ``overhead - min(R_src(a), R_dst(a))``; a boundary is clamped at >= 0, as in
+    :func:`transition_matrix`."""
     t = np.zeros((len(cands), len(cands)))
     sig = pair_signature(src, dst, activation)
     missing, found = 0, False

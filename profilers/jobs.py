@@ -9,9 +9,9 @@ the target has ``build_pair`` and the edge's two layers chain as they stand, the
 joined by the edge's own activation (one job per unique (layer pair, activation, precision pair),
 signature :func:`hwmpq.records.pair_signature`): the boundary costs what it costs between *these* layers
 (a large expanded tensor into a depthwise conv is not a small one between two 3x3 convs; a ReLU6 fused
-into a float conv costs it far more than a ReLU). Stand-in chains are joined by a ReLU. Otherwise (pooling or a reshape between, or a target with only
-``build_transition``) it is a chain of the target's stand-in layers on the edge's tensor shape, one job per
-unique (tensor shape, precision pair).
+into a float conv costs it far more than a ReLU). Otherwise (pooling or a reshape between, or a target
+with only ``build_transition``) it is a chain of the target's stand-in layers on the edge's tensor shape
+joined by a ReLU, one job per unique (tensor shape, precision pair).
 """
 
 from __future__ import annotations
