@@ -31,7 +31,7 @@ from hwmpq.profilers.runner import profile
 from hwmpq.targets.ort.target import OrtTarget
 
 from hwmpq.graph import analyse
-from hwmpq.records import FP32, BitPlan, MeasureConfig, Precision, atomic_write_text
+from hwmpq.records import FP32, BitPlan, MeasureConfig, Precision, atomic_write_text, load_plan
 from hwmpq.zoo import create_model
 from hwmpq.zoo.registry import default_input_shape
 
@@ -61,10 +61,14 @@ def fixed_plans(specs, target, tables: dict) -> dict[str, BitPlan]:
 
 
 def bench_model(name: str, n_random: int, target: OrtTarget, config: MeasureConfig, lut_dir: Path,
-                timing: MeasureConfig) -> list[dict]:
+                timing: MeasureConfig, input_shape: tuple[int, ...] | None = None,
+                extra: dict[str, BitPlan] | None = None) -> list[dict]:
+    """Both tables on one LUT of ``name``, judged on the fixed plans, ``n_random`` random plans and the
+    ``extra`` plans (e.g. searched ones; random weights: latency does not depend on their values)."""
     torch.manual_seed(0)
-    model = create_model(name, num_classes=10).eval()
-    x = torch.randn(default_input_shape(name))
+    shape = input_shape or default_input_shape(name)
+    model = create_model(name, num_classes=10, in_chans=shape[1]).eval()
+    x = torch.randn(shape)
     specs, _ = analyse(model, x)
     edges = edges_through_merges(model, x)
     # pairs first: a pair's cost is its chain minus the two layer rows, so the rows must be timed right
@@ -80,6 +84,7 @@ def bench_model(name: str, n_random: int, target: OrtTarget, config: MeasureConf
         ref_row = store.get("layer", REFERENCE.signature, FP32, config)
     plans = fixed_plans(specs, target, tables)
     plans.update({f"random{k}": p for k, p in enumerate(random_plans(tables["pairs"], n_random, seed=1))})
+    plans.update(extra or {})
     with tempfile.TemporaryDirectory(prefix="hwmpq-bench-pairs-") as tmp:
         exports = [export_plan(target, model, p, x, f"{tmp}/{k}") for k, p in plans.items()]
         timed, speed = measure_at_speed(target, exports, timing, ref_row.quoted_ms(config.statistic))
@@ -104,6 +109,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/ort/results/pairs")
     ap.add_argument("--lut-dir", default=None, help="where the LUTs live (default: --out); reruns resume them")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--input-shape", default=None, help="N,C,H,W (default: the zoo's)")
+    ap.add_argument("--extra-plans", nargs="*", default=[],
+                    help="BitPlan JSON files (e.g. bench/search/results/plans/*) to judge too, if of this model")
     ap.add_argument("--repeat", type=int, default=400, help="whole-model runs per plan")
     ap.add_argument("--rounds", type=int, default=20,
                     help="interleaved rounds they are spread over (slow spells here last seconds)")
@@ -117,14 +125,21 @@ def main() -> None:
     try:
         for name in args.models.split(","):
             timing = MeasureConfig(threads=args.threads, repeat=args.repeat, rounds=args.rounds)
-            got = bench_model(name, args.plans, target, config, lut_dir, timing)
+            shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+            extra = {Path(f).stem: load_plan(f) for f in args.extra_plans if Path(f).name.startswith(f"{name}_")}
+            got = bench_model(name, args.plans, target, config, lut_dir, timing, shape, extra)
             rows += got
             print(f"\n{name} (speed factor {got[0]['speed_factor']:.3f}: >1 = slower now than at profile time)")
-            print(f"{'plan':<22}{'measured':>9}{'stand-in':>10}{'err %':>7}{'pairs':>8}{'err %':>7}")
+            print(f"{'plan':<30}{'measured':>9}{'stand-in':>10}{'err %':>7}{'pairs':>8}{'err %':>7}")
             for r in got:
-                print(f"{r['plan']:<22}{r['measured_ms']:>9.3f}{r['pred_stand_in_ms']:>10.3f}"
+                print(f"{r['plan']:<30}{r['measured_ms']:>9.3f}{r['pred_stand_in_ms']:>10.3f}"
                       f"{r['err_stand_in_pct']:>+7.1f}{r['pred_pairs_ms']:>8.3f}{r['err_pairs_pct']:>+7.1f}")
             rand = [r for r in got if r["plan"].startswith("random")]
+            searched = [r for r in got if r["plan"] in extra]
+            if searched:
+                summary[name]["extra"] = {t: {"mape_pct": float(np.mean([abs(r[f"err_{t}_pct"]) for r in searched])),
+                                              "worst_pct": float(max(abs(r[f"err_{t}_pct"]) for r in searched))}
+                                          for t in ("stand_in", "pairs")}
             summary[name] = {t: {"mape_random_pct": float(np.mean([abs(r[f"err_{t}_pct"]) for r in rand])),
                                  "worst_random_pct": float(max(abs(r[f"err_{t}_pct"]) for r in rand)),
                                  "mape_all_pct": float(np.mean([abs(r[f"err_{t}_pct"]) for r in got]))}
@@ -139,6 +154,9 @@ def main() -> None:
                 s = summary[name][t]
                 print(f"{t:>9}: random plans MAPE {s['mape_random_pct']:.1f}% worst {s['worst_random_pct']:.1f}%;"
                       f" all plans MAPE {s['mape_all_pct']:.1f}%")
+                if "extra" in summary[name]:
+                    e = summary[name]["extra"][t]
+                    print(f"{'':>9}  extra plans MAPE {e['mape_pct']:.1f}% worst {e['worst_pct']:.1f}%")
     finally:
         target.cleanup()
     out.mkdir(parents=True, exist_ok=True)

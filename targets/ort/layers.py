@@ -5,7 +5,8 @@ leaves as integer codes (``x_q -> DQ -> Conv(DQ(W), DQ(b)) -> Q -> y_q``), which
 QLinearConv/QGemm for uint8 x int8. The float<->integer hand-over (Q, DQ, requantize) is measured apart,
 per tensor shape and precision pair (:func:`transition_model`), so sum(layers) + sum(transitions) +
 session overhead describes the exported whole model. A transition is timed as a two-layer chain
-(:func:`chain_model`): the edge's own two layers where they chain, stand-ins otherwise. Weights are random but seeded by the signature.
+(:func:`chain_model`): the edge's own two layers where they chain, stand-ins otherwise. Weights are
+random but seeded by the signature.
 """
 
 from __future__ import annotations
