@@ -135,16 +135,16 @@ def main() -> None:
                 print(f"{r['plan']:<30}{r['measured_ms']:>9.3f}{r['pred_stand_in_ms']:>10.3f}"
                       f"{r['err_stand_in_pct']:>+7.1f}{r['pred_pairs_ms']:>8.3f}{r['err_pairs_pct']:>+7.1f}")
             rand = [r for r in got if r["plan"].startswith("random")]
-            searched = [r for r in got if r["plan"] in extra]
-            if searched:
-                summary[name]["extra"] = {t: {"mape_pct": float(np.mean([abs(r[f"err_{t}_pct"]) for r in searched])),
-                                              "worst_pct": float(max(abs(r[f"err_{t}_pct"]) for r in searched))}
-                                          for t in ("stand_in", "pairs")}
             summary[name] = {t: {"mape_random_pct": float(np.mean([abs(r[f"err_{t}_pct"]) for r in rand])),
                                  "worst_random_pct": float(max(abs(r[f"err_{t}_pct"]) for r in rand)),
                                  "mape_all_pct": float(np.mean([abs(r[f"err_{t}_pct"]) for r in got]))}
                              for t in ("stand_in", "pairs")}
             summary[name]["speed_factor"] = got[0]["speed_factor"]
+            searched = [r for r in got if r["plan"] in extra]
+            if searched:
+                summary[name]["extra"] = {t: {"mape_pct": float(np.mean([abs(r[f"err_{t}_pct"]) for r in searched])),
+                                              "worst_pct": float(max(abs(r[f"err_{t}_pct"]) for r in searched))}
+                                          for t in ("stand_in", "pairs")}
             same = [r["measured_ms"] for r in got if r["plan"].startswith("fastest_rows_")]
             if len({r["plan"] for r in got if r["plan"].startswith("fastest_rows_")}) == 2:
                 spread = abs(same[0] - same[1]) / min(same) * 100  # (the same plan when rows agree)
