@@ -229,22 +229,41 @@ def fine_tune(ctx: Context, cfg: LoopConfig, result: SearchResult) -> nn.Module:
     return model.eval()
 
 
-def export_and_measure(ctx: Context, model: nn.Module, result: SearchResult, out_dir: Path, acc: float) -> float | None:
+def export_row(ctx: Context, model: nn.Module, result: SearchResult, out_dir: Path, acc: float):
+    """The row's deployable export (None if the target cannot export whole models); timed later, with the
+    other rows' exports (:func:`measure_together`)."""
     extra = {"budget_ms": ctx.budget.latency_ms, "budget_mj": ctx.budget.energy_mj,
              "predicted_ms": result.predicted_ms, "predicted_mj": result.predicted_mj, "test_acc": acc}
     if not hasattr(ctx.target, "export"):
         _log(f"[yellow]note[/]: target {ctx.target.id} cannot export whole models; not measured")
         return None
-    exported = ctx.target.export(model, result.plan, ctx.example_input, str(out_dir), manifest_extra=extra)
-    run = ctx.target.measure_artifact(exported, ctx.measure)
-    if run.latencies_ms is None:
-        _log(f"[red]measuring {exported.artifact} failed[/]: {run.error_msg}")
-        return None
-    return ctx.measure.quote(run.latencies_ms)
+    return ctx.target.export(model, result.plan, ctx.example_input, str(out_dir), manifest_extra=extra)
 
 
-def run_row(ctx: Context, cfg: LoopConfig, method: str, bits: str | None, out: Path) -> dict[str, Any]:
-    """Search (or uniform plan), fine-tune, evaluate, export, measure; one row of the final table."""
+def measure_together(ctx: Context, cfg: LoopConfig, rows: list[dict[str, Any]], exports: list) -> None:
+    """Every row's export timed in one interleaved run, beside the LUT's speed reference, and again if the
+    machine ran slower than at profile time (``lut.validate.measure_at_speed``): timed one by one right
+    after each row's fine-tuning, the same int8 export measured 10-40% slower than a minute later."""
+    from hwmpq.lut.model import REFERENCE
+    from hwmpq.lut.store import LutStore
+    from hwmpq.lut.validate import measure_at_speed
+
+    live = [(r, e) for r, e in zip(rows, exports, strict=True) if e is not None]
+    if not live or not hasattr(ctx.target, "measure_artifact"):
+        return
+    with LutStore.read(cfg.lut) as store:
+        ref = store.get("layer", REFERENCE.signature, FP32, ctx.measure)
+    ref_ms = ref.quoted_ms(ctx.measure.statistic) if ref is not None and ref.ok else None
+    timed, speed = measure_at_speed(ctx.target, [e for _, e in live], ctx.measure, ref_ms)
+    for (row, export), (quoted, _, _, err) in zip(live, timed, strict=True):
+        if err:
+            _log(f"[red]measuring {export.artifact} failed[/]: {err}")
+        row["measured_ms"], row["speed_factor"] = quoted, speed
+
+
+def run_row(ctx: Context, cfg: LoopConfig, method: str, bits: str | None, out: Path) -> tuple[Any, dict[str, Any]]:
+    """Search (or uniform plan), fine-tune, evaluate, export: the export (or None) and one row of the final
+    table, its ``measured_ms`` left for :func:`measure_together`."""
     from hwmpq.train import evaluate
 
     mcfg = method_config(cfg, method, bits)
@@ -255,16 +274,17 @@ def run_row(ctx: Context, cfg: LoopConfig, method: str, bits: str | None, out: P
     search_s = time.perf_counter() - t0
     label = method if method != "uniform" else f"uniform {mcfg.precision.label}"
     if not ddp.is_main():
-        return {"method": label}
+        return None, {"method": label}
     save_plan(result.plan, out)
     atomic_write_text(out.with_suffix(".trace.json"), to_json(result.trace) + "\n")
     model = fine_tune(ctx, cfg, result)
     acc = evaluate(model, ctx.splits.loader("test", batch_size=512))
-    measured = export_and_measure(ctx, model, result, out.parent / f"{out.stem}_export", acc)
-    return {"method": label, "budget_ms": ctx.budget.latency_ms, "budget_mj": ctx.budget.energy_mj,
-            "predicted_ms": result.predicted_ms, "predicted_mj": result.predicted_mj, "measured_ms": measured, "test_acc": acc, "search_s": search_s, "repaired": result.repaired,
-            "plan": str(out), "notes": result.notes,
-            "bits": {p.label: sum(1 for _, q in result.plan.layers if q == p) for _, p in result.plan.layers}}
+    exported = export_row(ctx, model, result, out.parent / f"{out.stem}_export", acc)
+    return exported, {
+        "method": label, "budget_ms": ctx.budget.latency_ms, "budget_mj": ctx.budget.energy_mj,
+        "predicted_ms": result.predicted_ms, "predicted_mj": result.predicted_mj, "measured_ms": None,
+        "test_acc": acc, "search_s": search_s, "repaired": result.repaired, "plan": str(out), "notes": result.notes,
+        "bits": {p.label: sum(1 for _, q in result.plan.layers if q == p) for _, p in result.plan.layers}}
 
 
 def run_loop(cfg: LoopConfig) -> list[dict[str, Any]]:
@@ -273,14 +293,16 @@ def run_loop(cfg: LoopConfig) -> list[dict[str, Any]]:
     out = Path(cfg.out)
     if cfg.export_dir:
         out_dir = Path(cfg.export_dir)
-    rows = []
+    rows, exports = [], []
     for method, bits in [(cfg.method, None)] + [("uniform", b) for b in cfg.baselines]:
         path = out if not rows else out.with_name(f"{out.stem}.uniform_{Precision.parse(bits).label}.json")
-        row = run_row(ctx, cfg, method, bits, path)
-        if cfg.export_dir and ddp.is_main() and not rows:
-            _move_export(path, out_dir)
+        exported, row = run_row(ctx, cfg, method, bits, path)
         rows.append(row)
+        exports.append(exported)
     if ddp.is_main():
+        measure_together(ctx, cfg, rows, exports)
+        if cfg.export_dir:
+            _move_export(out, out_dir)
         report = {"config": asdict(cfg), "float_test_acc": ctx.float_acc, "lut": cfg.lut, "target": ctx.target.id,
                   "rows": rows}
         atomic_write_text(out.with_suffix(".report.json"), to_json(report) + "\n")
@@ -319,6 +341,10 @@ def print_table(rows: list[dict[str, Any]], ctx: Context, cfg: LoopConfig) -> No
                   f(r.get("predicted_ms"), ".4g"), f(r.get("measured_ms"), ".4g"), f(r.get("test_acc"), ".4f"),
                   f(r.get("search_s"), ".1f"), " ".join(f"{k}x{v}" for k, v in r.get("bits", {}).items()))
     Console(width=160).print(t)
+    speed = next((r["speed_factor"] for r in rows if r.get("speed_factor")), None)
+    if speed is not None:
+        Console().print(f"measured: all exports in one interleaved run, the machine at {speed:.2f}x its time "
+                        "for the LUT's speed reference (>1: slower than when profiled)")
     for r in rows:
         for n in r.get("notes", []):
             Console().print(f"[yellow]{r['method']}[/]: {n}")
