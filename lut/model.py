@@ -27,8 +27,9 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+from hwmpq.profilers.jobs import timed_as_pair
 
-from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision, chains, pair_signature
+from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision, pair_signature
 
 from .table import LatencyTable
 
@@ -109,8 +110,6 @@ def profiling_specs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target) -
     """``specs`` plus the speed :data:`REFERENCE` and the target's transition stand-ins (one per tensor
     shape of the edges not timed with their own two layers), which must be profiled as layers for
     :func:`build_table` to turn chain times into transition costs."""
-    from hwmpq.profilers.jobs import timed_as_pair
-
     known = {s.signature for s in specs}
     by_fqn = {s.fqn: s for s in specs}
     specs = list(specs) + ([REFERENCE] if REFERENCE.signature not in known else [])
@@ -217,6 +216,7 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
     if missing:
         raise MissingEntriesError(missing)
     index = {s.fqn: i for i, s in enumerate(specs)}
+    by_fqn = {s.fqn: s for s in specs}
     edges = [e for e in edges if e.src in index and e.dst in index]
     share = sharing_weights(edges)
     transitions, n_missing, n_total = [], 0, 0
@@ -224,7 +224,7 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
         i, j = index[e.src], index[e.dst]
         allowed_i, allowed_j = target.precisions.for_layer(specs[i]), target.precisions.for_layer(specs[j])
         found = False
-        if hasattr(target, "build_pair") and chains(specs[i], specs[j], e):
+        if timed_as_pair(e, by_fqn, target):
             t, miss, found = pair_matrix(store, specs[i], specs[j], e.activation, cands, allowed_i, allowed_j,
                                          config, overhead_ms or 0.0)
         if not found:

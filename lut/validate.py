@@ -114,20 +114,22 @@ def measure_interleaved(target, exports: list, config: MeasureConfig) -> list[tu
 
 
 def measure_at_speed(target, exports: list, config: MeasureConfig, ref_lut_ms: float | None, *,
-                     tolerance: float = 0.10, retries: int = 2) -> tuple[list[tuple], float | None]:
-    """:func:`measure_interleaved` of ``exports`` with the speed reference (``lut.model.REFERENCE``) timed
-    beside them; when the reference ran more than ``tolerance`` slower than its LUT row ``ref_lut_ms``
-    (a slow spell of a shared machine, as the profiler's speed gate also catches), all is timed again, up
-    to ``retries`` times. Returns the attempt with the fastest reference and its speed factor (reference
-    now over the LUT's; None without a reference row)."""
+                     tolerance: float = 0.10, retries: int = 2,
+                     measure=measure_interleaved) -> tuple[list[tuple], float | None]:
+    """``measure(target, exports, config)`` (default :func:`measure_interleaved`: one tuple per export,
+    the quoted latency first) with the speed reference (``lut.model.REFERENCE``) timed beside them; when
+    the reference ran more than ``tolerance`` slower than its LUT row ``ref_lut_ms`` (a slow spell of a
+    shared machine, as the profiler's speed gate also catches), all is timed again, up to ``retries``
+    times. Returns the attempt with the fastest reference and its speed factor (reference now over the
+    LUT's; None without a reference row)."""
     from .model import REFERENCE
 
     if not ref_lut_ms:
-        return measure_interleaved(target, exports, config), None
+        return measure(target, exports, config), None
     ref = target.build_layer(REFERENCE, FP32)
     best: tuple[list, float] | None = None
     for _ in range(1 + retries):
-        timed = measure_interleaved(target, [*exports, ref], config)
+        timed = measure(target, [*exports, ref], config)
         now = timed.pop()[0]
         speed = now / ref_lut_ms if now else float("inf")
         if best is None or speed < best[1]:

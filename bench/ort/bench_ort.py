@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from hwmpq.lut.model import REFERENCE, build_table, edges_through_merges, profiling_specs
 from hwmpq.lut.store import LutStore
-from hwmpq.lut.validate import export_plan
+from hwmpq.lut.validate import export_plan, measure_at_speed
 from hwmpq.targets.ort.target import OrtTarget
 from hwmpq.targets.ort.timing import summarize
 
@@ -57,16 +57,17 @@ def ort_quantize_static(float_onnx: str, out_path: str, x: torch.Tensor) -> str:
     return out_path
 
 
-def measure_rounds(target: OrtTarget, paths: dict[str, str], config: MeasureConfig) -> dict:
+def measure_rounds(target: OrtTarget, builds: list[BuildResult], config: MeasureConfig) -> list[tuple]:
+    """(quoted latency, summary with the median) per build, timed round-robin in ``config.rounds`` slices."""
     per = config.per_round()
-    samples: dict[str, list[float]] = {k: [] for k in paths}
+    samples: list[list[float]] = [[] for _ in builds]
     for _ in range(min(config.rounds, config.repeat)):
-        for k, p in paths.items():
-            run = target.run(BuildResult(p), per)
+        for k, b in enumerate(builds):
+            run = target.run(b, per)
             if run.error_msg:
-                raise RuntimeError(f"{k}: {run.error_msg}")
+                raise RuntimeError(f"{b.artifact}: {run.error_msg}")
             samples[k].extend(run.latencies_ms)
-    return {k: (summarize(v), config.quote(v)) for k, v in samples.items()}
+    return [(config.quote(v), summarize(v)) for v in samples]
 
 
 def bench_model(name: str, target: OrtTarget, config: MeasureConfig, lut_dir: Path, work: Path,
@@ -96,21 +97,14 @@ def bench_model(name: str, target: OrtTarget, config: MeasureConfig, lut_dir: Pa
     with LutStore.read(lut_dir / f"{name}.lut") as peek:
         ref = peek.get("layer", REFERENCE.signature, FP32, config)
     ref_lut = ref.quoted_ms(config.statistic) if ref is not None else None
-    paths["speed_reference"] = target.build_layer(REFERENCE, FP32).artifact
-    best = None
-    for _ in range(3):  # timed again, up to twice, if the machine ran >10% slower than at profile time
-        got = measure_rounds(target, paths, timing)
-        speed = got["speed_reference"][1] / ref_lut if ref_lut else 1.0
-        if best is None or speed < best[1]:
-            best = (got, speed)
-        if speed <= 1.10:
-            break
-    stats, speed = best
-    del stats["speed_reference"]
-    print(f"{name}: speed reference {speed:.3f}x its LUT row (>1: slower now than at profile time)")
-    base = stats["float32"][1]
+    timed, speed = measure_at_speed(target, [BuildResult(p) for p in paths.values()], timing, ref_lut,
+                                    measure=measure_rounds)
+    stats = dict(zip(paths, timed, strict=True))
+    if speed is not None:
+        print(f"{name}: speed reference {speed:.3f}x its LUT row (>1: slower now than at profile time)")
+    base = stats["float32"][0]
     rows = []
-    for k, (st, quoted) in stats.items():
+    for k, (quoted, st) in stats.items():
         pred = table.predict(plans[k])[0] if k in plans else None
         rows.append({"model": name, "variant": k, "median_ms": st.median_ms, "p10_ms": st.p10_ms, "p90_ms": st.p90_ms,
                      "n": st.n, "statistic": config.statistic, "ratio_to_fp32": quoted / base, "predicted_ms": pred,
