@@ -234,6 +234,10 @@ def validate_command(
              "spells last seconds, e.g. --repeat 400 --rounds 20")] = None,
     statistic: Annotated[str, typer.Option(help="latency quoted for layers and whole models: p10 or median")] = "p10",
     force: Annotated[bool, typer.Option(help="use a LUT of another device knowingly")] = False,
+    speed_tolerance: Annotated[float, typer.Option(
+        help="time the plans again when a speed probe runs this much slower than its LUT row")] = 0.10,
+    speed_retries: Annotated[int, typer.Option(
+        help="at most this many more timings while the machine is slower than at profile time")] = 2,
 ) -> None:
     """Measure real end-to-end latency of random plans and report the LUT's prediction error."""
     import dataclasses
@@ -257,7 +261,8 @@ def validate_command(
     with store:
         try:
             report = validate(store, net, x, plans, lut_config, seed, json_out, target=target, model_name=model,
-                              allow_foreign=force, measure_config=measure)
+                              allow_foreign=force, measure_config=measure, speed_tolerance=speed_tolerance,
+                              speed_retries=speed_retries)
         except (ValueError, LookupError) as e:  # foreign or incomplete LUT, bad model
             raise _fail(str(e)) from None
     from .validate import format_report

@@ -104,15 +104,32 @@ def _chain_ms(store, edge: Edge, src: Precision, dst: Precision, config) -> floa
 # tells such a shift of the machine's speed apart from an error of the latency model.
 REFERENCE = LayerSpec("speed_reference", "conv", 32, 32, (3, 3), padding=(1, 1), in_hw=(16, 16), out_hw=(16, 16),
                       bias=False, macs=32 * 32 * 9 * 16 * 16, params=32 * 32 * 9)
+# The reference stays in L2 and misses most slow spells of the shared L3 and memory, which whole models feel:
+# a 1x1 conv streaming 1 MB in and 1 MB out (beyond the 1 MB L2) follows whole fp32 models' window-to-window
+# times with log correlation +0.89..+0.92 against the reference's +0.78..+0.83 (bench/ort/bench_speed_probes.py).
+MEMORY_REFERENCE = LayerSpec("speed_reference_memory", "conv", 256, 256, (1, 1), in_hw=(32, 32), out_hw=(32, 32),
+                             bias=False, macs=256 * 256 * 32 * 32, params=256 * 256)
+SPEED_PROBES = (REFERENCE, MEMORY_REFERENCE)  # both are profiled into every LUT and gate every comparison
+
+
+def speed_rows(store, config) -> dict[str, float]:
+    """{probe name: its quoted LUT latency} of the :data:`SPEED_PROBES` the store holds (a LUT profiled
+    before a probe existed lacks its row)."""
+    out = {}
+    for probe in SPEED_PROBES:
+        row = store.get("layer", probe.signature, FP32, config)
+        if row is not None and row.ok and row.quoted_ms(config.statistic):
+            out[probe.fqn] = row.quoted_ms(config.statistic)
+    return out
 
 
 def profiling_specs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target) -> list[LayerSpec]:
-    """``specs`` plus the speed :data:`REFERENCE` and the target's transition stand-ins (one per tensor
+    """``specs`` plus the :data:`SPEED_PROBES` and the target's transition stand-ins (one per tensor
     shape of the edges not timed with their own two layers), which must be profiled as layers for
     :func:`build_table` to turn chain times into transition costs."""
     known = {s.signature for s in specs}
     by_fqn = {s.fqn: s for s in specs}
-    specs = list(specs) + ([REFERENCE] if REFERENCE.signature not in known else [])
+    specs = list(specs) + [p for p in SPEED_PROBES if p.signature not in known]
     if not hasattr(target, "transition_stand_in"):
         return specs
     extra = {}

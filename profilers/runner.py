@@ -2,8 +2,8 @@
 
 Resume is a property of the store: a job whose key is already stored (ok, or failed unless
 ``retry_failed``) is skipped, so rerunning an interrupted profile measures only what is missing.
-A speed gate times the speed reference beside every chunk of jobs and measures a chunk again when the
-machine ran slow (:meth:`_Loop.step_chunk`).
+A speed gate times the speed probes (``lut.model.SPEED_PROBES``) beside every chunk of jobs and measures a
+chunk again when the machine ran slow (:meth:`_Loop.step_chunk`).
 Build and run failures are rows (``error_msg``), not exceptions. Several run failures in a row
 (``max_run_failures``) mean the device is gone (RPC refused, board rebooted): the profile stops, and
 those suspect rows are NOT recorded, so the rerun measures them again. A per-job timeout
@@ -37,8 +37,8 @@ class ProfileReport:
     stop_reason: str | None  # why the profile stopped early (None: it finished)
     elapsed_s: float
     lut_rows: int  # rows in the LUT file at the end
-    retried_chunks: int = 0  # chunks measured again because the speed probe said the machine ran slow
-    slowest_chunk: float = 1.0  # the slowest committed chunk's probe p10 over the fastest chunk's
+    retried_chunks: int = 0  # chunks measured again because a speed probe said the machine ran slow
+    slowest_chunk: float = 1.0  # the slowest committed chunk's probe p10 over the fastest chunk's (worst probe)
 
     @property
     def complete(self) -> bool:
@@ -138,25 +138,34 @@ class _Loop:
         self.stop_reason: str | None = None
         self.rounds = min(config.rounds, config.repeat)
         self.speed_tolerance, self.speed_retries = speed_tolerance, speed_retries
-        self.probe: BuildResult | None = None  # the speed reference, timed in every round of every chunk
-        self.best_probe_ms: float | None = None  # its fastest chunk p10 so far
+        self.probes: list[BuildResult] = []  # the speed probes, timed in every round of every chunk
+        self.best_speed: tuple[float, ...] | None = None  # each probe's fastest chunk p10 so far
         self.retried = 0  # chunks measured again because the machine ran slow
-        self.kept: list[tuple[list, float]] = []  # committed chunks (their live jobs) and their probe p10
+        self.kept: list[tuple[list, tuple]] = []  # committed chunks (their live jobs) and their probes' p10
         if speed_tolerance > 0 and not self.device.emulated:
-            from hwmpq.lut.model import REFERENCE
+            from hwmpq.lut.model import SPEED_PROBES
 
-            probe = target.build_layer(REFERENCE, FP32)
-            self.probe = probe if probe.artifact is not None and not probe.error_msg else None
+            builds = [target.build_layer(p, FP32) for p in SPEED_PROBES]
+            self.probes = [b for b in builds if b.artifact is not None and not b.error_msg]
+
+    def slowness(self, speed: tuple[float, ...] | None) -> float:
+        """How much slower than the fastest chunks ``speed`` (probe p10s) is: its worst probe's ratio
+        (inf without a probe timing, 1.0 before any chunk was kept)."""
+        if speed is None:
+            return float("inf")
+        if self.best_speed is None:
+            return 1.0
+        return max(s / b for s, b in zip(speed, self.best_speed, strict=True))
 
     def step_chunk(self, jobs: Sequence[MeasureJob]) -> int:
         """Measure ``jobs`` in ``config.rounds`` interleaved rounds (round r of every job, then round r+1)
         and commit their rows. Returns how many jobs ended (committed or held back as suspect). Only the
         job whose run is under way is marked in flight, so a native crash is blamed on that job alone.
 
-        Speed gate (``speed_tolerance`` > 0): the speed reference is timed in every round too; when its
-        p10 over the chunk is more than ``speed_tolerance`` above the fastest chunk's so far, the machine
-        was in a slow spell (on this shared VM they last seconds to minutes and slow every row alike), and
-        the chunk is measured again, up to ``speed_retries`` times; the fastest attempt is committed."""
+        Speed gate (``speed_tolerance`` > 0): the speed probes are timed in every round too; when a
+        probe's p10 over the chunk is more than ``speed_tolerance`` above its fastest chunk's so far, the
+        machine was in a slow spell (on this shared VM they last seconds to minutes), and the chunk is
+        measured again, up to ``speed_retries`` times; the fastest attempt is committed."""
         live: list[tuple[MeasureJob, Measurement, BuildResult]] = []
         ended = 0
         for job in jobs:
@@ -180,33 +189,31 @@ class _Loop:
             live.append((job, key, build))
         return ended + self._measure(live)
 
-    def _measure(self, live, kept_ms: float | None = None) -> int:
-        """Time ``live`` (job, in-flight key, build) in attempts gated by the speed probe and commit the
-        fastest attempt's rows (only if its probe beat ``kept_ms``, the speed the rows already stored were
+    def _measure(self, live, kept_speed: tuple | None = None) -> int:
+        """Time ``live`` (job, in-flight key, build) in attempts gated by the speed probes and commit the
+        fastest attempt's rows (only if it beat ``kept_speed``, the speed the rows already stored were
         measured at). Returns how many jobs ended."""
-        best: tuple[float, dict] | None = None
+        best: tuple[tuple | None, dict] | None = None
         ended = 0
-        for attempt in range(1 + (self.speed_retries if self.probe is not None else 0)):
-            samples, speed_ms, failed, dead = self._rounds(live)
+        for attempt in range(1 + (self.speed_retries if self.probes else 0)):
+            samples, speed, failed, dead = self._rounds(live)
             ended += failed
             if dead:  # the jobs that finished every round before the device died are kept, ungated
-                return ended + self._commit(samples, kept_ms)
+                return ended + self._commit(samples, kept_speed)
             live = [x for x in live if x[0] in samples]
-            speed_ms = float("inf") if speed_ms is None else speed_ms
-            if best is None or speed_ms < best[0]:
-                best = (speed_ms, samples)
-            if (self.best_probe_ms is None or speed_ms == float("inf")  # (no verdict without a probe timing)
-                    or speed_ms <= self.best_probe_ms * (1 + self.speed_tolerance)):
+            if best is None or self.slowness(speed) < self.slowness(best[0]):
+                best = (speed, samples)
+            if speed is None or self.slowness(speed) <= 1 + self.speed_tolerance:  # (no verdict without probes)
                 break
             self.retried += attempt < self.speed_retries
-        speed_ms, samples = best if best is not None else (float("inf"), {})
-        if kept_ms is not None and not speed_ms < kept_ms:
+        speed, samples = best if best is not None else (None, {})
+        if kept_speed is not None and not self.slowness(speed) < self.slowness(kept_speed):
             return ended
-        if speed_ms != float("inf"):
-            self.best_probe_ms = min(self.best_probe_ms or speed_ms, speed_ms)
-            self.kept.append((live, speed_ms))
+        if speed is not None:
+            self.best_speed = speed if self.best_speed is None else tuple(map(min, self.best_speed, speed))
+            self.kept.append((live, speed))
         alive = {x[0] for x in live}
-        return ended + self._commit({j: lat for j, lat in samples.items() if j in alive}, kept_ms)
+        return ended + self._commit({j: lat for j, lat in samples.items() if j in alive}, kept_speed)
 
     def _finished(self, samples: dict, order: list, current: MeasureJob, r: int) -> dict:
         """The jobs that finished every round before ``current`` stopped round ``r`` (an interrupt, a dead
@@ -215,49 +222,48 @@ class _Loop:
             return {}
         return {j: samples[j] for j in order[:order.index(current)] if j in samples}
 
-    def _commit(self, samples: dict, kept_ms: float | None) -> int:
+    def _commit(self, samples: dict, kept_speed: tuple | None) -> int:
         for job, lat in samples.items():
             m = result(job, self.target, self.config, self.device, RunResult(tuple(lat)))
             self.store.add(m)
-            self.measured += m.ok if kept_ms is None else 0  # (a re-measured row was counted once)
+            self.measured += m.ok if kept_speed is None else 0  # (a re-measured row was counted once)
             self.failed += not m.ok
         return len(samples)
 
     def final_pass(self) -> None:
         """Measure again the chunks kept at a probe speed more than ``speed_tolerance`` slower than the
-        fastest chunk of the whole profile (an early chunk had nothing faster to be compared with)."""
-        if self.probe is None or self.best_probe_ms is None:
+        fastest chunks of the whole profile (an early chunk had nothing faster to be compared with)."""
+        if not self.probes or self.best_speed is None:
             return
         kept, self.kept = self.kept, []
-        for live, speed_ms in kept:
-            if speed_ms > self.best_probe_ms * (1 + self.speed_tolerance) and not self.stop_reason:
+        for live, speed in kept:
+            if self.slowness(speed) > 1 + self.speed_tolerance and not self.stop_reason:
                 self.retried += 1
                 before = len(self.kept)
-                self._measure(live, kept_ms=speed_ms)
+                self._measure(live, kept_speed=speed)
                 if len(self.kept) == before:  # not faster this time: the old rows stay
-                    self.kept.append((live, speed_ms))
+                    self.kept.append((live, speed))
             else:
-                self.kept.append((live, speed_ms))
+                self.kept.append((live, speed))
 
     @property
     def slowest_kept(self) -> float:
-        """The slowest committed chunk's probe p10 over the fastest (1.0 with no probe)."""
-        if not self.kept or self.best_probe_ms is None:
+        """The slowest committed chunk's worst probe p10 over that probe's fastest (1.0 with no probe)."""
+        if not self.kept or self.best_speed is None:
             return 1.0
-        return max(speed for _, speed in self.kept) / self.best_probe_ms
+        return max(self.slowness(speed) for _, speed in self.kept)
 
-    def _rounds(self, live) -> tuple[dict, float | None, int, bool]:
-        """One attempt at ``live``: {job: samples} of the jobs whose every run succeeded, the probe's p10
-        over the attempt (None without a probe), how many jobs failed a run, and whether run failures in
-        a row stopped the profile (then only the jobs that had finished their last round are returned)."""
+    def _rounds(self, live) -> tuple[dict, tuple | None, int, bool]:
+        """One attempt at ``live``: {job: samples} of the jobs whose every run succeeded, each probe's p10
+        over the attempt (None without probe timings), how many jobs failed a run, and whether run failures
+        in a row stopped the profile (then only the jobs that had finished their last round are returned)."""
         one_round = self.config.per_round()
         samples: dict[MeasureJob, list[float]] = {job: [] for job, _, _ in live}
-        probe_ms: list[float] = []
+        probe_ms: list[list[float]] = [[] for _ in self.probes]
         failed = 0
         for r in range(self.rounds):
-            if self.probe is not None:
-                run = run_once(self.target, self.probe, one_round)
-                probe_ms += list(run.latencies_ms or ())
+            for probe, times in zip(self.probes, probe_ms, strict=True):
+                times += run_once(self.target, probe, one_round).latencies_ms or ()
             order = [x[0] for x in live]
             for job, key, build in live:
                 if job not in samples:
@@ -279,7 +285,7 @@ class _Loop:
                     continue
                 self.flush()  # only a successful run shows the device is alive (a build failure says nothing)
                 samples[job].extend(run.latencies_ms)
-        speed = float(np.percentile(probe_ms, 10)) if probe_ms else None
+        speed = tuple(float(np.percentile(t, 10)) for t in probe_ms) if probe_ms and all(probe_ms) else None
         return samples, speed, failed, False
 
     def _run_failed(self, m: Measurement) -> bool:

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from hwmpq.lut.model import REFERENCE, MissingEntriesError
+from hwmpq.lut.model import SPEED_PROBES, MissingEntriesError
 from hwmpq.lut.validate import format_report, random_plans, validate
 
 from hwmpq.records import FP32, MeasureConfig
@@ -27,14 +27,17 @@ def test_validate_reports_predicted_and_measured_per_plan(tiny_ort, tmp_path):
         assert set(r.plan) == {s.fqn for s in t.specs}
     errs = [abs(r.error_pct) for r in report.plans]
     assert report.mape_pct == pytest.approx(sum(errs) / 3) and report.worst_pct == pytest.approx(max(errs))
-    # the speed reference was profiled with the model and timed again beside the plans
-    ref = t.store.get("layer", REFERENCE.signature, FP32, CFG)
-    assert ref.ok and report.speed_factor > 0
+    # the speed probes were profiled with the model and timed again beside the plans; the gate's factor
+    # is the slowest probe's
+    for probe in SPEED_PROBES:
+        assert t.store.get("layer", probe.signature, FP32, CFG).ok
+    assert set(report.speed_factors) == {p.fqn for p in SPEED_PROBES} and report.speed_attempts >= 1
+    assert report.speed_factor == max(report.speed_factors.values()) > 0
     for r in report.plans:
         scaled = r.predicted_ms * report.speed_factor
         assert r.speed_error_pct == pytest.approx((scaled - r.measured_ms) / r.measured_ms * 100)
     assert report.speed_mape_pct == pytest.approx(sum(abs(r.speed_error_pct) for r in report.plans) / 3)
-    assert "speed reference" in format_report(report)
+    assert "speed probes" in format_report(report) and "speed_reference_memory" in format_report(report)
     saved = json.loads(out.read_text())
     assert saved["model"] == "test_tiny" and len(saved["plans"]) == 3 and saved["config"]["repeat"] == 9
     assert "MAPE" in format_report(report)

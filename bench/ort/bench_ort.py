@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hwmpq.lut.model import REFERENCE, build_table, edges_through_merges, profiling_specs
+from hwmpq.lut.model import build_table, edges_through_merges, profiling_specs, speed_rows
 from hwmpq.lut.store import LutStore
 from hwmpq.lut.validate import export_plan, measure_at_speed
 from hwmpq.targets.ort.target import OrtTarget
@@ -95,13 +95,13 @@ def bench_model(name: str, target: OrtTarget, config: MeasureConfig, lut_dir: Pa
     paths = {k: export_plan(target, model, p, x, str(work / f"{name}_{k}")).artifact for k, p in plans.items()}
     paths["ort_int8_static"] = ort_quantize_static(paths["float32"], str(work / f"{name}_ort_int8.onnx"), x)
     with LutStore.read(lut_dir / f"{name}.lut") as peek:
-        ref = peek.get("layer", REFERENCE.signature, FP32, config)
-    ref_lut = ref.quoted_ms(config.statistic) if ref is not None else None
-    timed, speed = measure_at_speed(target, [BuildResult(p) for p in paths.values()], timing, ref_lut,
+        probe_rows = speed_rows(peek, config)
+    timed, check = measure_at_speed(target, [BuildResult(p) for p in paths.values()], timing, probe_rows,
                                     measure=measure_rounds)
     stats = dict(zip(paths, timed, strict=True))
-    if speed is not None:
-        print(f"{name}: speed reference {speed:.3f}x its LUT row (>1: slower now than at profile time)")
+    speed = check.factor if check else None
+    if check is not None:
+        print(f"{name}: speed probes over their LUT rows {check.factors} (>1: slower now than at profile time)")
     base = stats["float32"][0]
     rows = []
     for k, (quoted, st) in stats.items():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hwmpq.lut.model import REFERENCE, build_table, edges_through_merges, profiling_specs
+from hwmpq.lut.model import build_table, edges_through_merges, profiling_specs, speed_rows
 from hwmpq.lut.store import LutStore
 from hwmpq.lut.validate import export_plan, measure_at_speed, random_plans
 from hwmpq.profilers.runner import profile
@@ -81,13 +81,14 @@ def bench_model(name: str, n_random: int, target: OrtTarget, config: MeasureConf
                   f"{report.failed} failed, {report.elapsed_s:.0f} s, {report.retried_chunks} slow chunks "
                   f"measured again", flush=True)
         tables = {label: build_table(store, specs, edges, config, views[label]) for label in ("stand_in", "pairs")}
-        ref_row = store.get("layer", REFERENCE.signature, FP32, config)
+        probe_rows = speed_rows(store, config)
     plans = fixed_plans(specs, target, tables)
     plans.update({f"random{k}": p for k, p in enumerate(random_plans(tables["pairs"], n_random, seed=1))})
     plans.update(extra or {})
     with tempfile.TemporaryDirectory(prefix="hwmpq-bench-pairs-") as tmp:
         exports = [export_plan(target, model, p, x, f"{tmp}/{k}") for k, p in plans.items()]
-        timed, speed = measure_at_speed(target, exports, timing, ref_row.quoted_ms(config.statistic))
+        timed, check = measure_at_speed(target, exports, timing, probe_rows)
+    speed = check.factor if check else None
     rows = []
     for (label, plan), (measured, p10, p90, err) in zip(plans.items(), timed, strict=True):
         if err:

@@ -244,7 +244,7 @@ def measure_together(ctx: Context, cfg: LoopConfig, rows: list[dict[str, Any]], 
     """Every row's export timed in one interleaved run, beside the LUT's speed reference, and again if the
     machine ran slower than at profile time (``lut.validate.measure_at_speed``): timed one by one right
     after each row's fine-tuning, the same int8 export measured 10-40% slower than a minute later."""
-    from hwmpq.lut.model import REFERENCE
+    from hwmpq.lut.model import speed_rows
     from hwmpq.lut.store import LutStore
     from hwmpq.lut.validate import measure_at_speed
 
@@ -252,13 +252,12 @@ def measure_together(ctx: Context, cfg: LoopConfig, rows: list[dict[str, Any]], 
     if not live or not hasattr(ctx.target, "measure_artifact"):
         return
     with LutStore.read(cfg.lut) as store:
-        ref = store.get("layer", REFERENCE.signature, FP32, ctx.measure)
-    ref_ms = ref.quoted_ms(ctx.measure.statistic) if ref is not None and ref.ok else None
-    timed, speed = measure_at_speed(ctx.target, [e for _, e in live], ctx.measure, ref_ms)
+        probe_rows = speed_rows(store, ctx.measure)
+    timed, check = measure_at_speed(ctx.target, [e for _, e in live], ctx.measure, probe_rows)
     for (row, export), (quoted, _, _, err) in zip(live, timed, strict=True):
         if err:
             _log(f"[red]measuring {export.artifact} failed[/]: {err}")
-        row["measured_ms"], row["speed_factor"] = quoted, speed
+        row["measured_ms"], row["speed_factor"] = quoted, (check.factor if check else None)
 
 
 def run_row(ctx: Context, cfg: LoopConfig, method: str, bits: str | None, out: Path) -> tuple[Any, dict[str, Any]]:
@@ -344,7 +343,7 @@ def print_table(rows: list[dict[str, Any]], ctx: Context, cfg: LoopConfig) -> No
     speed = next((r["speed_factor"] for r in rows if r.get("speed_factor")), None)
     if speed is not None:
         Console().print(f"measured: all exports in one interleaved run, the machine at {speed:.2f}x its time "
-                        "for the LUT's speed reference (>1: slower than when profiled)")
+                        "for the LUT's slowest speed probe (>1: slower than when profiled)")
     for r in rows:
         for n in r.get("notes", []):
             Console().print(f"[yellow]{r['method']}[/]: {n}")
