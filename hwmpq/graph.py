@@ -89,6 +89,16 @@ def _spec(fqn: str, mod: nn.Module, in_shape: torch.Size, out_shape: torch.Size)
     )
 
 
+def merge_kind(node: fx.Node) -> str:
+    """``records.MERGES`` kind of a node joining several layers' outputs: "add" (residual add), "concat"
+    (torch.cat), else "none"."""
+    if node.target in (operator.add, operator.iadd, torch.add) or (node.op == "call_method" and node.target in ("add", "add_")):
+        return "add"
+    if node.target in (torch.cat, torch.concat) or (node.op == "call_method" and node.target == "cat"):
+        return "concat"
+    return "none"
+
+
 def _activation_of(node: fx.Node, modules: dict) -> str | None:
     if node.op == "call_module":
         return ACTIVATION_MODULES.get(type(modules[node.target]))

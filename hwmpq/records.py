@@ -138,6 +138,9 @@ class Edge:
     # the elementwise activation applied on the way (after the last merge, if any): one of ACTIVATIONS.
     # ORT fuses it into a float conv, and ReLU6 (a Clip) costs a float conv far more than ReLU does.
     activation: str = "relu"
+    # the merge the tensor passes through on the way: one of MERGES. A residual add between integer
+    # layers is a float Add on dequantized inputs that also keeps ORT from folding the ReLU into the Q.
+    merge: str = "none"
 
     _version = 1
 
@@ -145,6 +148,8 @@ class Edge:
         object.__setattr__(self, "tensor_shape", tuple(int(v) for v in self.tensor_shape))
         if self.activation not in ACTIVATIONS:
             raise RecordError(f"Edge {self.src}->{self.dst}: activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.merge not in MERGES:
+            raise RecordError(f"Edge {self.src}->{self.dst}: merge {self.merge!r} is not one of {MERGES}")
 
     @property
     def signature(self) -> str:
@@ -152,18 +157,20 @@ class Edge:
 
 
 ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "sigmoid", "silu")
+MERGES = ("none", "add", "concat")
 
 
-def pair_signature(src: LayerSpec, dst: LayerSpec, activation: str = "relu") -> str:
-    """Signature of a chain of two real layers joined by ``activation``: the transition of an edge measured
-    with its own neighbours."""
-    return hashlib.sha256(json.dumps(["pair", src.signature, dst.signature, activation]).encode()).hexdigest()[:16]
+def pair_signature(src: LayerSpec, dst: LayerSpec, activation: str = "relu", merge: str = "none") -> str:
+    """Signature of a chain of two real layers joined by ``activation`` (after a residual add if ``merge``
+    is "add"): the transition of an edge measured with its own neighbours."""
+    key = ["pair", src.signature, dst.signature, activation] + ([merge] if merge != "none" else [])
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
 def chains(src: LayerSpec, dst: LayerSpec, edge: Edge) -> bool:
     """Whether ``src``'s output is ``dst``'s input as it stands (no pooling or reshaping between), so that
     the two layers can be timed as one two-layer chain."""
-    return src.output_shape == edge.tensor_shape == dst.input_shape
+    return src.output_shape == edge.tensor_shape == dst.input_shape and edge.merge in ("none", "add")
 
 
 STATISTICS = ("median", "p10")

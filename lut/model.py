@@ -142,18 +142,18 @@ def profiling_specs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target) -
 
 
 def pair_matrix(store, src: LayerSpec, dst: LayerSpec, activation: str, cands, allowed_src, allowed_dst, config,
-                overhead_ms: float) -> tuple[np.ndarray, int, bool]:
+                overhead_ms: float, merge: str = "none") -> tuple[np.ndarray, int, bool]:
     """[P, P] matrix T_e of an edge timed with its own two layers, how many entries were missing, and
     whether any chain row was found (an older LUT has only stand-in chains: :func:`transition_matrix`).
 
     ``T[a, b] = C(a, b) - R_src(a) - R_dst(b) + overhead``, C the chain of the two real layers joined by
-    the edge's activation and R their layer rows (without it), so that the rows plus T reproduce the
+    the edge's activation (after a residual add for ``merge`` "add") and R their layer rows (without it), so that the rows plus T reproduce the
     chain. The diagonal keeps its sign (a chain of two float convs shares one NCHWc layout change:
     negative; DQ/activation/Q glue between integer layers: positive), bounded below by
     ``overhead - min(R_src(a), R_dst(a))``; a boundary is clamped at >= 0, as in
     :func:`transition_matrix`."""
     t = np.zeros((len(cands), len(cands)))
-    sig = pair_signature(src, dst, activation)
+    sig = pair_signature(src, dst, activation, merge)
     missing, found = 0, False
     for a in allowed_src:
         for b in allowed_dst:
@@ -243,7 +243,7 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
         found = False
         if timed_as_pair(e, by_fqn, target):
             t, miss, found = pair_matrix(store, specs[i], specs[j], e.activation, cands, allowed_i, allowed_j,
-                                         config, overhead_ms or 0.0)
+                                         config, overhead_ms or 0.0, e.merge)
         if not found:
             stand_in = target.transition_stand_in(e.tensor_shape) if hasattr(target, "transition_stand_in") else None
             t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config, overhead_ms or 0.0, stand_in)
@@ -263,28 +263,31 @@ def edges_through_merges(model, example_input) -> list[Edge]:
     """``analyse`` edges plus edges across merges (residual add, concat): the merged tensor counts as
     produced by the layers feeding the merge directly (not through an earlier merge), because that is
     where the exporter dequantizes the producer and requantizes for the next consumer."""
-    from hwmpq.graph import QUANTIZABLE, analyse, input_activations, trace
+    from hwmpq.graph import QUANTIZABLE, analyse, input_activations, merge_kind, trace
 
     specs, base = analyse(model, example_input)
     shape_of = {s.fqn: s.input_shape for s in specs}
     gm = trace(model)
     activation = input_activations(gm)
     modules = dict(gm.named_modules())
-    state: dict = {}
+    state: dict = {}  # node -> (the layers it counts as produced by, whether directly, the merge passed)
     out = {(e.src, e.dst): e for e in base}
     for node in gm.graph.nodes:
         feeding = [state[a] for a in node.all_input_nodes if a in state and state[a][0]]
         if node.op == "call_module" and isinstance(modules[node.target], QUANTIZABLE):
-            src_state = state.get(node.args[0], (set(), False))
-            for src in sorted(src_state[0]):
-                out.setdefault((src, node.target), Edge(src, node.target, shape_of[node.target],
-                                                                activation[node.target]))
-            state[node] = ({node.target}, True)
+            producers, direct, merge = state.get(node.args[0], (set(), False, "none"))
+            for src in sorted(producers):
+                edge = Edge(src, node.target, shape_of[node.target], activation[node.target], merge)
+                if direct:
+                    out.setdefault((src, node.target), edge)
+                else:
+                    out[(src, node.target)] = edge
+            state[node] = ({node.target}, True, "none")
         elif len(feeding) > 1:
-            direct = [s for s, d in feeding if d]
-            state[node] = (set().union(*direct) if direct else feeding[0][0], False)
+            direct = [s for s, d, _ in feeding if d]
+            state[node] = (set().union(*direct) if direct else feeding[0][0], False, merge_kind(node))
         elif feeding:
             state[node] = feeding[0]
         else:
-            state[node] = (set(), False)
+            state[node] = (set(), False, "none")
     return list(out.values())

@@ -70,7 +70,7 @@ class Target(Protocol):
 # Optional methods a real backend adds (the profiler and the search check with hasattr):
 #   build_transition(shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult
 #       what it costs to hand a tensor of ``shape`` from a layer at ``src`` to one at ``dst``
-#   build_pair(src_spec, src: Precision, dst_spec, dst: Precision, activation: str) -> BuildResult
+#   build_pair(src_spec, src: Precision, dst_spec, dst: Precision, activation: str, merge: str) -> BuildResult
 #       the same, timed with the edge's own two layers and activation (src_spec's output is dst_spec's input)
 #   build_overhead() -> BuildResult        the per-model constant (an empty session, I/O binding)
 #   energy(spec, precision, latency_ms) -> tuple[float | None, str]   (energy_mj, "measured"|"modeled")

@@ -2,6 +2,8 @@
 stores, edges across merges, and a table built from a real ORT profile of a tiny model."""
 
 import dataclasses
+import hashlib
+import json
 import time
 
 import numpy as np
@@ -187,6 +189,11 @@ def test_edges_cross_residual_adds():
     # the activation on an edge is the one after the last merge: resnet's ReLU follows the residual add
     act = {(e.src, e.dst): e.activation for e in edges}
     assert act[("layers.0.0.conv2", "layers.0.1.conv1")] == act[("layers.0.0.conv1", "layers.0.0.conv2")] == "relu"
+    # and it says which edges pass a residual add: every edge out of a block's last conv or shortcut
+    merged = {(e.src, e.dst) for e in edges if e.merge == "add"}
+    assert merged == {(e.src, e.dst) for e in edges if e.src.endswith(("conv2", "shortcut.0"))} | {
+        ("stem.0", "layers.0.1.conv1")}
+    assert len(merged) == 14 and ("stem.0", "layers.0.0.conv1") not in merged
 
 
 def test_edges_carry_the_activation_the_exported_graph_holds():
@@ -200,6 +207,16 @@ def test_edges_carry_the_activation_the_exported_graph_holds():
     assert act[("features.2.conv.2", "features.4.conv.0.0")] == "none"
     with pytest.raises(ValueError, match="activation 'gelu'"):
         Edge("a", "b", (1, 8), "gelu")
+    with pytest.raises(ValueError, match="merge 'mul'"):
+        Edge("a", "b", (1, 8), "relu", "mul")
+
+
+def test_pair_signatures_of_plain_edges_are_those_of_older_luts():
+    """A merge is part of a pair chain's signature only when there is one, so LUTs profiled before edges
+    carried merges keep their chain rows for plain edges."""
+    old = hashlib.sha256(json.dumps(["pair", A.signature, B.signature, "relu6"]).encode()).hexdigest()[:16]
+    assert pair_signature(A, B, "relu6") == pair_signature(A, B, "relu6", "none") == old
+    assert pair_signature(A, B, "relu6", "add") != old
 
 
 @pytest.mark.slow

@@ -120,6 +120,15 @@ def test_a_pair_chain_computes_its_two_layers_in_sequence(target, tmp_path):
         chain = make_session(layers.chain_model(expand, FP32, dw, FP32, activation).SerializeToString(), 1)
         np.testing.assert_allclose(chain.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-4, err_msg=activation)
     assert optimized_ops(layers.chain_model(expand, W8A8, dw, W8A8), tmp_path)["QLinearConv"] == 2
+    # through a residual add: layer(src) + r -> activation -> layer(dst), r a second (float) input
+    r = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
+    want = second.run(None, {"x": np.maximum(y + r, 0)})[0]
+    chain = make_session(layers.chain_model(expand, FP32, dw, FP32, "relu", "add").SerializeToString(), 1)
+    np.testing.assert_allclose(chain.run(None, {"x": x, "r": r})[0], want, rtol=1e-4, atol=1e-4)
+    ops = optimized_ops(layers.chain_model(expand, W8A8, dw, W8A8, "relu", "add"), tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["Add"] == 1, ops  # the add stays a float op between integer layers
+    assert target.run(target.build_pair(expand, W8A8, dw, FP32, "relu6", "add"), FAST).error_msg is None
+    assert "only a residual add" in target.build_pair(expand, FP32, dw, FP32, "relu", "concat").error_msg
     for a, b in [(FP32, W8A8), (W8A8, FP32), (Precision(16, 16), Precision(4, 8))]:
         build = target.build_pair(expand, a, dw, b)
         assert build.error_msg is None and target.run(build, FAST).error_msg is None

@@ -133,12 +133,16 @@ def emit_activation(parts: GraphParts, src: str, out: str, activation: str) -> s
 
 
 def emit_glue(parts: GraphParts, src_q: str, out: str, src: Precision, dst: Precision,
-              activation: str = "relu") -> str:
-    """What the exporter puts between two layers: DQ of the producer's signed codes (if integer), the
-    activation, Q to the consumer's unsigned codes (if integer)."""
+              activation: str = "relu", residual: str | None = None) -> str:
+    """What the exporter puts between two layers: DQ of the producer's signed codes (if integer), the add
+    of the float ``residual`` branch (if any: a residual add, whose other input the exporter also holds
+    in float), the activation, Q to the consumer's unsigned codes (if integer)."""
     cur = src_q
     if src.a_bits < 32:
         cur = parts.dequantize_act(cur, f"{out}_dq", _OUT_SCALE, src.a_bits, True, u8_carrier=True)
+    if residual is not None:
+        parts.nodes.append(helper.make_node("Add", [cur, residual], [f"{out}_sum"], name=f"{out}_Add"))
+        cur = f"{out}_sum"
     cur = emit_activation(parts, cur, out, activation)
     if dst.a_bits < 32:
         cur = parts.quantize_act(cur, f"{out}_q", _IN_SCALE, dst.a_bits, False)
@@ -167,10 +171,11 @@ def stand_in_spec(shape: tuple[int, ...]) -> LayerSpec:
 
 
 def chain_model(src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: Precision,
-                activation: str = "relu") -> onnx.ModelProto:
+                activation: str = "relu", merge: str = "none") -> onnx.ModelProto:
     """A chain ``src_spec(src) -> glue -> dst_spec(dst)``: two layers as the exporter joins them (the glue
-    holding the edge's ``activation``, which ORT fuses into a float producer), each with the seeded
-    weights of its own layer row (``src_spec``'s output must be ``dst_spec``'s input).
+    holding the edge's ``activation``, which ORT fuses into a float producer, and for ``merge`` "add" a
+    residual add of a second, float graph input "r" before it), each with the seeded weights of its own
+    layer row (``src_spec``'s output must be ``dst_spec``'s input).
 
     Its time C includes what the boundary costs in context (Q/DQ, ORT's layout changes between NHWC
     integer kernels and NCHWc float kernels, lost fusions, the cache state the producer leaves);
@@ -179,12 +184,16 @@ def chain_model(src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: P
     if src_spec.output_shape != dst_spec.input_shape:
         raise ValueError(f"cannot chain {src_spec.fqn} (output {list(src_spec.output_shape)}) into {dst_spec.fqn} "
                          f"(input {list(dst_spec.input_shape)})")
+    if merge not in ("none", "add"):
+        raise ValueError(f"a pair chain cannot hold a {merge!r} merge (only a residual add)")
     parts = GraphParts()
+    inputs = [_value_info("x", io_elem(src, False), src_spec.input_shape)]
+    if merge == "add":
+        inputs.append(_value_info("r", TensorProto.FLOAT, src_spec.output_shape))
     a = emit_random_layer(parts, src_spec, src, "x", "a", _rng(src_spec))
-    g = emit_glue(parts, a, "g", src, dst, activation)
+    g = emit_glue(parts, a, "g", src, dst, activation, residual="r" if merge == "add" else None)
     emit_random_layer(parts, dst_spec, dst, g, "y", _rng(dst_spec))
-    return make_model(parts, [_value_info("x", io_elem(src, False), src_spec.input_shape)],
-                      [_value_info("y", io_elem(dst, True), dst_spec.output_shape)],
+    return make_model(parts, inputs, [_value_info("y", io_elem(dst, True), dst_spec.output_shape)],
                       f"chain_{src.label}_{dst.label}")
 
 
