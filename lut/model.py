@@ -217,8 +217,10 @@ def sharing_weights(edges: Sequence[Edge]) -> dict[tuple[str, str], float]:
 
 
 def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config: MeasureConfig, target, *,
-                allow_foreign: bool = False, allow_emulated: bool = False) -> LatencyTable:
-    """The LatencyTable of ``specs`` on ``target`` from ``store`` rows measured under ``config``.
+                allow_foreign: bool = False, allow_emulated: bool = False, context: bool = True) -> LatencyTable:
+    """The LatencyTable of ``specs`` on ``target`` from ``store`` rows measured under ``config``; with
+    ``context``, layer rows scaled by the in-context factors of the model's uniform plans if the store
+    holds them (lut/context.py).
 
     Raises :class:`MissingEntriesError` naming the (layer, precision) pairs without a row, and
     :class:`ForeignTableError` for a store from another device/target or an emulated one."""
@@ -254,9 +256,14 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
         warnings.warn(f"{n_missing} of {n_total} transition entries are not in the LUT (counted as 0 ms); "
                       "run `hwmpq profile` with transitions to measure them", stacklevel=2)
     meta = store.meta
-    return LatencyTable(tuple(s.fqn for s in specs), cands, lat, en, tuple(transitions), float(overhead_ms or 0.0),
-                        target=target.id, device=str(meta.get("device", "")),
-                        emulated=str(meta.get("emulated", "")).lower() in ("1", "true"))
+    table = LatencyTable(tuple(s.fqn for s in specs), cands, lat, en, tuple(transitions), float(overhead_ms or 0.0),
+                         target=target.id, device=str(meta.get("device", "")),
+                         emulated=str(meta.get("emulated", "")).lower() in ("1", "true"))
+    if not context:
+        return table
+    from .context import plain_and_context
+
+    return plain_and_context(table, store, specs, edges, config)[1]
 
 
 def edges_through_merges(model, example_input) -> list[Edge]:

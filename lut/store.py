@@ -26,7 +26,7 @@ from hwmpq.records import MeasureConfig, Measurement, Precision
 from .fingerprint import describe_difference
 
 SCHEMA_VERSION = 1
-KINDS = ("layer", "transition", "overhead")
+KINDS = ("layer", "transition", "overhead", "model")  # model: a whole uniform plan (lut/context.py)
 
 _CONFIG_COLS = ("warmup", "number", "repeat", "min_repeat_ms", "threads", "timeout_s", "statistic")
 _KEY_COLS = ("device", "target", "kind", "signature", "w_bits", "a_bits", "src_w_bits", "src_a_bits",

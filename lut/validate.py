@@ -30,6 +30,7 @@ class PlanResult:
     error_pct: float | None = None  # (predicted - measured) / measured * 100
     error_msg: str | None = None
     speed_error_pct: float | None = None  # the same, the prediction scaled by the report's speed factor
+    predicted_plain_ms: float | None = None  # without the in-context factors (lut/context.py)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class ValidationReport:
     speed_worst_pct: float | None = None
     speed_factors: dict[str, float] = field(default_factory=dict)
     speed_attempts: int = 1  # times the plans were timed until the machine was at speed (or gave up)
+    # the LUT's in-context factors (precision label -> alpha; {} without uniform-plan rows) and the
+    # MAPE and worst error without them
+    context_factors: dict[str, float] = field(default_factory=dict)
+    plain_mape_pct: float | None = None
+    plain_worst_pct: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +96,18 @@ def measure_interleaved(target, exports: list, config: MeasureConfig) -> list[tu
     plan alike."""
     from hwmpq.targets.ort.timing import summarize
 
+    out = []
+    for quoted, lat, err in measure_samples(target, exports, config):
+        if err:
+            out.append((None, None, None, err))
+        else:
+            st = summarize(lat)
+            out.append((quoted, st.p10_ms, st.p90_ms, None))
+    return out
+
+
+def measure_samples(target, exports: list, config: MeasureConfig) -> list[tuple]:
+    """(quoted statistic, all samples, error) per export, timed as :func:`measure_interleaved` does."""
     from hwmpq.records import BuildResult
 
     per_round = config.per_round()
@@ -105,14 +123,8 @@ def measure_interleaved(target, exports: list, config: MeasureConfig) -> list[tu
                 errors[k] = run.error_msg or "no latencies"
             else:
                 samples[k].extend(run.latencies_ms)
-    out = []
-    for lat, err in zip(samples, errors, strict=True):
-        if err:
-            out.append((None, None, None, err))
-        else:
-            st = summarize(lat)
-            out.append((config.quote(lat), st.p10_ms, st.p90_ms, None))
-    return out
+    return [(None, None, err) if err else (config.quote(lat), lat, None)
+            for lat, err in zip(samples, errors, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,7 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
 
     from hwmpq.graph import analyse
 
+    from .context import plain_and_context
     from .model import build_table, edges_through_merges, speed_rows
 
     if n_plans < 1:
@@ -178,7 +191,8 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
     model = model.eval()
     specs, _ = analyse(model, example_input)
     edges = edges_through_merges(model, example_input)
-    table = build_table(store, specs, edges, config, target, allow_foreign=allow_foreign)
+    plain = build_table(store, specs, edges, config, target, allow_foreign=allow_foreign, context=False)
+    factors, table = plain_and_context(plain, store, specs, edges, config)
     results = []
     plans = random_plans(table, n_plans, seed)
     probe_rows = speed_rows(store, config)
@@ -191,8 +205,11 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
         predicted, _ = table.predict(plan)
         pct = None if quoted is None else (predicted - quoted) / quoted * 100
         spct = None if quoted is None or speed is None else (predicted * speed - quoted) / quoted * 100
-        results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, quoted, p10, p90, pct, err, spct))
+        results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, quoted, p10, p90, pct, err, spct,
+                                  plain.predict(plan)[0]))
     errs = [abs(r.error_pct) for r in results if r.error_pct is not None]
+    plain_errs = [abs(r.predicted_plain_ms - r.measured_ms) / r.measured_ms * 100
+                  for r in results if r.measured_ms is not None]
     serrs = [abs(r.speed_error_pct) for r in results if r.speed_error_pct is not None]
     report = ValidationReport(
         target.id, model_name or type(model).__name__, asdict(config), tuple(results),
@@ -201,7 +218,9 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
          f"{[c.label for c in table.candidates]}",)
         + (() if probe_rows else ("no speed probe row in this LUT (profiled before they existed)",)),
         speed, sum(serrs) / len(serrs) if serrs else None, max(serrs) if serrs else None,
-        check.factors if check else {}, check.attempts if check else 1)
+        check.factors if check else {}, check.attempts if check else 1,
+        {p.label: a for p, a in factors.items()}, sum(plain_errs) / len(plain_errs) if plain_errs else None,
+        max(plain_errs) if plain_errs else None)
     if json_out:
         atomic_write_text(json_out, json.dumps(report.as_dict(), indent=1) + "\n")
     return report
@@ -217,6 +236,10 @@ def format_report(report: ValidationReport) -> str:
     if report.mape_pct is not None:
         lines.append(f"MAPE {report.mape_pct:.1f}%  worst {report.worst_pct:.1f}%  ({len(report.plans)} plans, "
                      f"{report.target}, {report.config.get('threads')} thread(s))")
+    if report.context_factors:
+        fac = ", ".join(f"{k} {1 + v:.3f}x" for k, v in report.context_factors.items())
+        lines.append(f"in-context factors from the uniform plans ({fac}); without them: "
+                     f"MAPE {report.plain_mape_pct:.1f}%  worst {report.plain_worst_pct:.1f}%")
     if report.speed_factor is not None:
         probes = ", ".join(f"{k} {v:.3f}x" for k, v in report.speed_factors.items())
         lines.append(f"speed probes against their LUT rows ({probes}; >1: slower now; timed "

@@ -63,6 +63,9 @@ def profile_command(
     min_repeat_ms: Annotated[float, typer.Option(help="raise number until a repeat lasts this long")] = 0.0,
     timeout_s: Annotated[float, typer.Option(help="per-job run timeout (enforced by the target)")] = 60.0,
     transitions: Annotated[bool, typer.Option(help="also measure precision transitions")] = True,
+    context: Annotated[bool, typer.Option(
+        help="also time the model's uniform plans end to end (targets that run whole models: ort-x86), from "
+             "which the LUT takes how much slower each precision runs in context (lut/context.py)")] = True,
     retry_failed: Annotated[bool, typer.Option(help="measure again jobs recorded as failures")] = False,
     max_run_failures: Annotated[int, typer.Option(help="stop after this many run failures in a row (0: never)")] = 5,
     speed_tolerance: Annotated[float, typer.Option(
@@ -88,7 +91,7 @@ def profile_command(
 
     console = Console(stderr=True, soft_wrap=True)
     try:
-        _, _, specs, edges = load_model_and_graph(model, input_shape, weights)
+        net, x, specs, edges = load_model_and_graph(model, input_shape, weights)
         tgt = get_target(target, **_target_options(target, lut, threads, rpc, tracker, key, tune_trials, emulated))
         config = MeasureConfig(warmup=warmup, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, rounds=rounds,
                                threads=threads or int(getattr(tgt, "threads", 1) or 1), timeout_s=timeout_s)
@@ -108,6 +111,16 @@ def profile_command(
             report = profile(profiling_specs(specs, edges, tgt), edges, tgt, store, config, progress=not quiet, transitions=transitions,
                              retry_failed=retry_failed, max_run_failures=max_run_failures,
                              speed_tolerance=speed_tolerance, speed_retries=speed_retries, console=console)
+            if context and report.complete:
+                from hwmpq.lut.context import profile_context
+
+                try:
+                    profile_context(net, x, specs, edges, tgt, store, config, speed_tolerance=speed_tolerance,
+                                    speed_retries=speed_retries, console=None if quiet else console)
+                except KeyboardInterrupt:
+                    console.print("[yellow]interrupted[/] while timing the uniform plans: the layer rows are kept; "
+                                  "rerun the same command to time them")
+                    raise typer.Exit(130) from None
         finally:
             cleanup = getattr(tgt, "cleanup", None)  # built artifacts of a backend (temp files)
             if callable(cleanup):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hwmpq.lut.context import profile_context
 from hwmpq.lut.model import build_table, edges_through_merges, profiling_specs, speed_rows
 from hwmpq.lut.store import LutStore
 from hwmpq.lut.validate import export_plan, measure_at_speed
@@ -87,6 +88,8 @@ def bench_model(name: str, target: OrtTarget, config: MeasureConfig, lut_dir: Pa
     profile_s = time.perf_counter() - t0
     print(f"{name}: profile {rep.measured} measured, {rep.skipped} kept, {rep.failed} failed in {profile_s:.0f} s; "
           f"{rep.retried_chunks} slow chunks measured again, slowest kept {rep.slowest_chunk:.2f}x", flush=True)
+    profile_context(model, x, specs, edges, target, store, config)  # the uniform plans, in context
+    plain = build_table(store, specs, edges, config, target, context=False)
     table = build_table(store, specs, edges, config, target)
     store.close()
     fqns = [s.fqn for s in specs]
@@ -106,7 +109,12 @@ def bench_model(name: str, target: OrtTarget, config: MeasureConfig, lut_dir: Pa
     rows = []
     for k, (quoted, st) in stats.items():
         pred = table.predict(plans[k])[0] if k in plans else None
-        rows.append({"model": name, "variant": k, "median_ms": st.median_ms, "p10_ms": st.p10_ms, "p90_ms": st.p90_ms,
+        pred_plain = plain.predict(plans[k])[0] if k in plans else None
+        rows.append({"predicted_plain_ms": pred_plain,
+                     "error_plain_pct": None if pred is None else (pred_plain - quoted) / quoted * 100,
+                     # the uniform fp32 plan is one of the context rows the LUT's factors come from
+                     "calibration_plan": k == "float32",
+                     "model": name, "variant": k, "median_ms": st.median_ms, "p10_ms": st.p10_ms, "p90_ms": st.p90_ms,
                      "n": st.n, "statistic": config.statistic, "ratio_to_fp32": quoted / base, "predicted_ms": pred,
                      "error_pct": None if pred is None else (pred - quoted) / quoted * 100,
                      "plan": {f: p.label for f, p in plans[k].layers} if k in plans else "uniform int8 (ORT)",
@@ -221,12 +229,15 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'model':<12} {'variant':<16} {'median ms':>9} {'p10':>7} {'p90':>7} {'x fp32':>7} {'pred ms':>8} {'err %':>6}")
+    print(f"{'model':<12} {'variant':<16} {'median ms':>9} {'p10':>7} {'p90':>7} {'x fp32':>7} {'pred ms':>8} "
+          f"{'err %':>6} {'no-context err %':>16}")
     for r in rows:
         pred = f"{r['predicted_ms']:.3f}" if r["predicted_ms"] is not None else "-"
         err = f"{r['error_pct']:+.1f}" if r["error_pct"] is not None else "-"
+        plain = f"{r['error_plain_pct']:+.1f}" if r.get("error_plain_pct") is not None else "-"
+        mark = " (a context row)" if r.get("calibration_plan") else ""
         print(f"{r['model']:<12} {r['variant']:<16} {r['median_ms']:>9.3f} {r['p10_ms']:>7.3f} {r['p90_ms']:>7.3f} "
-              f"{r['ratio_to_fp32']:>7.2f} {pred:>8} {err:>6}")
+              f"{r['ratio_to_fp32']:>7.2f} {pred:>8} {err:>6} {plain:>16}{mark}")
 
 
 if __name__ == "__main__":

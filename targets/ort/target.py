@@ -137,6 +137,8 @@ class OrtTarget:
         """The neighbour layer the transition chains use; profile it as a layer too."""
         return layers.stand_in_spec(tuple(shape))
 
+    times_whole_models = True  # whole models export and run in seconds: the profile times them (lut/context.py)
+
     def build_overhead(self) -> BuildResult:
         return self._save(layers.overhead_model(), "overhead")
 
