@@ -19,6 +19,14 @@ of the layers at q in the uniform plan of p; a precision that holds less than a 
 plan's row time (w4a32: only the classifier) gets no factor (alpha 0). Each layer row at p is scaled by
 (1 + alpha_p). The uniform plans are never among ``lut validate``'s random plans (those draw every layer's
 precision at random); validate reports the error with and without the factors.
+
+Status: an experiment, off by default (``hwmpq profile --context`` times the rows; ``build_table(...,
+context=True)`` uses them). In one A/B on the same LUTs and plans (bench/ort/README.md, "Session 6") the
+factors cut mobilenetv2's MAPE from 12.4% to 5.7% and from 18.4% to 11.5%, but raised resnet20's from 3.1%
+to 9.4% and from 2.4% to 14.5%: one uniform whole-model timing per precision carries this VM's +-5-10%
+drift, and a uniform plan's residual mixes the layers' in-context slowdown with its own same-precision
+transitions (resnet20's uniform w16a16 was 32% over its rows and transitions, its w16a16 layers in mixed
+plans were not).
 """
 
 from __future__ import annotations
@@ -130,7 +138,7 @@ def profile_context(model, example_input, specs: Sequence[LayerSpec], edges: Seq
 
     if not getattr(target, "times_whole_models", False):
         return 0
-    table = build_table(store, specs, edges, config, target, context=False)
+    table = build_table(store, specs, edges, config, target)
     sig = model_signature(specs, edges)
     todo = {table.candidates[p]: table.plan_from_indices(idx, notes="uniform plan (context row)")
             for p, idx in uniform_indices(table).items()

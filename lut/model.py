@@ -217,10 +217,10 @@ def sharing_weights(edges: Sequence[Edge]) -> dict[tuple[str, str], float]:
 
 
 def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config: MeasureConfig, target, *,
-                allow_foreign: bool = False, allow_emulated: bool = False, context: bool = True) -> LatencyTable:
+                allow_foreign: bool = False, allow_emulated: bool = False, context: bool = False) -> LatencyTable:
     """The LatencyTable of ``specs`` on ``target`` from ``store`` rows measured under ``config``; with
-    ``context``, layer rows scaled by the in-context factors of the model's uniform plans if the store
-    holds them (lut/context.py).
+    ``context`` (an experiment, off by default: lut/context.py), layer rows scaled by the in-context
+    factors of the model's uniform plans if the store holds them.
 
     Raises :class:`MissingEntriesError` naming the (layer, precision) pairs without a row, and
     :class:`ForeignTableError` for a store from another device/target or an emulated one."""

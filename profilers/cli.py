@@ -64,8 +64,8 @@ def profile_command(
     timeout_s: Annotated[float, typer.Option(help="per-job run timeout (enforced by the target)")] = 60.0,
     transitions: Annotated[bool, typer.Option(help="also measure precision transitions")] = True,
     context: Annotated[bool, typer.Option(
-        help="also time the model's uniform plans end to end (targets that run whole models: ort-x86), from "
-             "which the LUT takes how much slower each precision runs in context (lut/context.py)")] = True,
+        help="also time the model's uniform plans end to end (targets that run whole models: ort-x86) for the "
+             "experimental in-context factors (lut/context.py; `lut validate` reports their error too)")] = False,
     retry_failed: Annotated[bool, typer.Option(help="measure again jobs recorded as failures")] = False,
     max_run_failures: Annotated[int, typer.Option(help="stop after this many run failures in a row (0: never)")] = 5,
     speed_tolerance: Annotated[float, typer.Option(

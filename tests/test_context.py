@@ -12,8 +12,9 @@ from hwmpq.lut.context import (
 )
 from hwmpq.lut.model import build_table
 from hwmpq.lut.table import LatencyTable
+from hwmpq.lut.validate import format_report, validate
 
-from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision
+from hwmpq.records import FP32, BitPlan, Edge, LayerSpec, MeasureConfig, Precision
 
 W8, W4 = Precision(8, 8), Precision(4, 32)
 # three conv layers allow fp32 and w8a8; the linear layer also allows w4a32 (weight-only)
@@ -65,12 +66,12 @@ def test_model_signature_follows_layers_and_edges():
 @pytest.mark.filterwarnings("ignore:in-context factor")  # test_tiny's rows are mostly fixed costs: far off
 def test_uniform_plans_are_timed_once_and_scale_the_table(tiny_ort):
     """Real ORT: after the layer profile, every candidate's uniform plan is exported and timed into a
-    "model" row; a second call measures nothing; the table built with them differs from the plain one
-    by exactly the factors they give."""
+    "model" row; a second call measures nothing; the table built with them (``context=True``) differs
+    from the default one by exactly the factors they give; validate reports both."""
     t = tiny_ort
     cfg = MeasureConfig(warmup=2, repeat=9)
     t.profile(cfg)
-    plain = build_table(t.store, t.specs, t.edges, cfg, t.target, context=False)
+    plain = build_table(t.store, t.specs, t.edges, cfg, t.target)
     assert profile_context(t.model, t.x, t.specs, t.edges, t.target, t.store, cfg) == len(uniform_indices(plain))
     rows = t.store.measurements(KIND)
     assert rows and all(m.ok and m.signature == model_signature(t.specs, t.edges) for m in rows)
@@ -78,6 +79,43 @@ def test_uniform_plans_are_timed_once_and_scale_the_table(tiny_ort):
     measured = {m.precision: m.quoted_ms(cfg.statistic) for m in rows}
     factors = context_factors(plain, measured)
     assert FP32 in factors
-    table = build_table(t.store, t.specs, t.edges, cfg, t.target)
+    table = build_table(t.store, t.specs, t.edges, cfg, t.target, context=True)
     np.testing.assert_allclose(table.layer_ms, apply_context(plain, factors).layer_ms)
     assert not np.allclose(table.layer_ms[np.isfinite(table.layer_ms)], plain.layer_ms[np.isfinite(plain.layer_ms)])
+    report = validate(t.store, t.model, t.x, 2, cfg, target=t.target)
+    assert report.context_factors and report.context_mape_pct is not None
+    for r in report.plans:  # the main prediction is the default table's; the in-context one beside it
+        assert r.predicted_ms == pytest.approx(plain.predict(_plan(plain, r.plan))[0])
+        assert r.predicted_context_ms == pytest.approx(table.predict(_plan(plain, r.plan))[0])
+    assert "in-context factors" in format_report(report)
+
+
+def _plan(table, labels: dict[str, str]):
+    return BitPlan.from_dict({f: Precision.parse(labels[f]) for f in table.fqns})
+
+
+@pytest.mark.slow
+def test_profile_cli_times_the_uniform_plans_with_context(tmp_path):
+    import typer
+    from hwmpq.lut.cli import lut_app
+    from hwmpq.lut.store import LutStore
+    from hwmpq.profilers.cli import register
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    register(app)
+    app.add_typer(lut_app, name="lut")
+    lut = str(tmp_path / "ctx.lut")
+    args = ["profile", "--target", "ort-x86", "--model", "test_tiny", "--lut", lut, "--warmup", "1", "--repeat", "5",
+            "--rounds", "1", "--quiet"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    with LutStore.read(lut) as store:
+        assert not store.measurements(KIND)  # off by default
+    res = CliRunner().invoke(app, [*args, "--context"])
+    assert res.exit_code == 0, res.output
+    with LutStore.read(lut) as store:
+        rows = store.measurements(KIND)
+        assert len(rows) == len({m.precision for m in store.measurements("layer")}) and all(m.ok for m in rows)
+    shown = CliRunner().invoke(app, ["lut", "show", lut])
+    assert shown.exit_code == 0 and "whole model" in shown.output and "uniform fp32" in shown.output, shown.output

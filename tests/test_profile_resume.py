@@ -82,10 +82,6 @@ def test_sigkill_mid_profile_loses_nothing(tmp_path):
     assert done.exit_code == 0, done.output
     final = _rows(lut)
     assert _inflight(lut) == 0
-    # after the layer jobs, the uniform plans of the whole model are timed too (lut/context.py)
-    uniform = {k: v for k, v in final.items() if k[0] == "model"}
-    assert len(uniform) == 5 and all(v[0] > 0 for v in uniform.values()), uniform
-    final = {k: v for k, v in final.items() if k[0] != "model"}
     total = len(final)
     assert total > len(kept), "the first run was not killed mid-run; make the profile slower"
     assert f"{len(kept)} already in" in done.output, done.output

@@ -120,9 +120,6 @@ def load_table(cfg: LoopConfig, model: nn.Module, example_input: torch.Tensor, t
             # with the transition stand-ins: without them the table cannot price the layout changes a
             # chain shares (an fp32 mobilenetv2_050 was over-predicted by 18%, uniform int8 under by 21%)
             profile(profiling_specs(specs, edges, target), edges, target, store, measure, progress=cfg.progress)
-            from hwmpq.lut.context import profile_context
-
-            profile_context(model, example_input, specs, edges, target, store, measure)
             return build_table(store, specs, edges, measure, target, allow_foreign=cfg.force_lut)
 
 
