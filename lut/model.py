@@ -8,8 +8,8 @@
   quantized layers, so no Q/DQ of its own), minus the per-session call overhead that every isolated
   measurement carries once and a whole model pays once.
 - ``T_e``: from transition rows C(a, b), the time of a two-layer chain at precisions (a, b). Where the
-  edge's two layers chain as they stand, C is those two real layers (targets/ort/layers.py:
-  ``chain_model``) and T = C - R_src(a) - R_dst(b) + overhead (:func:`pair_matrix`); elsewhere C is a
+  edge's two layers chain as they stand, C is those two real layers joined by the edge's activation and
+  residual add (targets/ort/layers.py: ``chain_model``) and T = C - R_src(a) - R_dst(b) + overhead (:func:`pair_matrix`); elsewhere C is a
   chain of stand-ins on the edge's tensor shape and S(p) the stand-in alone (a layer row;
   :func:`profiling_specs` adds the stand-ins to what is profiled; :func:`transition_matrix`). T holds
   what handing the tensor across costs beyond what the isolated layer rows include: DQ/ReLU/Q glue,

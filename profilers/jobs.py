@@ -6,10 +6,11 @@ runs for that layer); ``transition`` jobs, the cost of handing a tensor from one
 
 A transition is timed as a two-layer chain at every (producer precision, consumer precision) pair. Where
 the target has ``build_pair`` and the edge's two layers chain as they stand, the chain is those two layers
-joined by the edge's own activation (one job per unique (layer pair, activation, precision pair),
-signature :func:`hwmpq.records.pair_signature`): the boundary costs what it costs between *these* layers
-(a large expanded tensor into a depthwise conv is not a small one between two 3x3 convs; a ReLU6 fused
-into a float conv costs it far more than a ReLU). Otherwise (pooling or a reshape between, or a target
+joined by the edge's own activation, after a residual add if the edge passes one (one job per unique
+(layer pair, activation, merge, precision pair), signature :func:`hwmpq.records.pair_signature`): the
+boundary costs what it costs between *these* layers (a large expanded tensor into a depthwise conv is not
+a small one between two 3x3 convs; a ReLU6 fused into a float conv costs it far more than a ReLU; a float
+add between integer layers costs a pass over the tensor and keeps ORT from folding the ReLU into the Q). Otherwise (pooling or a reshape between, or a target
 with only ``build_transition``) it is a chain of the target's stand-in layers on the edge's tensor shape
 joined by a ReLU, one job per unique (tensor shape, precision pair).
 """
