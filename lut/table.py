@@ -92,13 +92,24 @@ class LatencyTable:
 
     def cheapest_indices(self, fixed: dict[int, int] | None = None, energy: bool = False) -> list[int]:
         """The cheapest plan the table knows (latency, or energy), layers in ``fixed`` (layer -> candidate)
-        held: per-layer argmin, then coordinate descent on the full prediction, transitions included.
-        Exact without transitions; with them an upper bound on the true minimum (exact on the tables tested)."""
-        fixed = dict(fixed or {})
-        idx = [int(i) for i in self.extreme_indices(fastest=True, energy=energy)]
+        held: coordinate descent on the full prediction, transitions included, from the per-layer argmin
+        and from every uniform plan (a candidate where allowed, else the layer's argmin), the best result.
+        Exact without transitions; with them an upper bound on the true minimum, never above a uniform
+        plan (from the per-layer argmin alone, descent once stopped above the fp32 plan on a table whose
+        boundaries cost more than the int8 rows saved)."""
+        pos = 1 if energy else 0
+        base = [int(i) for i in self.extreme_indices(fastest=True, energy=energy)]
+        starts = [base] + [[p if self.allowed[k, p] else base[k] for k in range(len(self.fqns))]
+                           for p in range(len(self.candidates))]
+        runs = [self._descend(start, dict(fixed or {}), pos) for start in starts]
+        return min(runs, key=lambda idx: self.predict_indices(idx)[pos])
+
+    def _descend(self, idx: list[int], fixed: dict[int, int], pos: int) -> list[int]:
+        """Coordinate descent from ``idx`` (``fixed`` layers held): change one layer at a time while the
+        prediction (latency: ``pos`` 0, energy: 1) falls."""
+        idx = list(idx)
         for layer, p in fixed.items():
             idx[layer] = int(p)
-        pos = 1 if energy else 0
         best = self.predict_indices(idx)[pos]
         improved = True
         while improved:

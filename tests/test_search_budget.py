@@ -103,3 +103,13 @@ def test_repair_out_of_a_local_minimum_goes_to_the_cheapest_plan():
     assert steps[-1].latency_ms == pytest.approx(1.0)
     with pytest.raises(BudgetError, match="even the cheapest plan"):
         repair(tab, [0, 0], Budget(latency_ms=0.9), np.zeros(2))
+
+
+def test_cheapest_plan_is_never_above_a_uniform_plan():
+    """Per-layer argmin is w8a8 everywhere, but the int8 boundary costs more than the rows save: descent
+    from the argmin alone is stuck at 2.3 ms (every single-layer change costs more); the fp32 plan is 2.0."""
+    t = np.array([[0.0, 0.5], [0.5, 0.5]])
+    tab = LatencyTable(("a", "b"), (FP32, W8), np.array([[1.0, 0.9], [1.0, 0.9]]), np.zeros((2, 2)), ((0, 1, t),))
+    assert tab.predict_indices([1, 1])[0] == pytest.approx(2.3)
+    assert tab.cheapest_indices() == [0, 0] and tab.min_latency_ms() == pytest.approx(2.0)
+    assert tab.cheapest_indices(fixed={1: 1}) == [1, 1]  # held layers stay held
