@@ -93,15 +93,17 @@ class LatencyTable:
     def cheapest_indices(self, fixed: dict[int, int] | None = None, energy: bool = False) -> list[int]:
         """The cheapest plan the table knows (latency, or energy), layers in ``fixed`` (layer -> candidate)
         held: coordinate descent on the full prediction, transitions included, from the per-layer argmin
-        and from every uniform plan (a candidate where allowed, else the layer's argmin), the best result.
-        Exact without transitions; with them an upper bound on the true minimum, never above a uniform
-        plan (from the per-layer argmin alone, descent once stopped above the fp32 plan on a table whose
-        boundaries cost more than the int8 rows saved)."""
+        and from the cheapest uniform plan (a candidate where allowed, else the layer's argmin), the better
+        result. Exact without transitions; with them an upper bound on the true minimum, never above a
+        uniform plan (from the per-layer argmin alone, descent once stopped above the fp32 plan on a table
+        whose boundaries cost more than the int8 rows saved)."""
         pos = 1 if energy else 0
+        fixed = dict(fixed or {})
         base = [int(i) for i in self.extreme_indices(fastest=True, energy=energy)]
-        starts = [base] + [[p if self.allowed[k, p] else base[k] for k in range(len(self.fqns))]
-                           for p in range(len(self.candidates))]
-        runs = [self._descend(start, dict(fixed or {}), pos) for start in starts]
+        uniform = [[fixed.get(k, p if self.allowed[k, p] else base[k]) for k in range(len(self.fqns))]
+                   for p in range(len(self.candidates))]
+        best_uniform = min(uniform, key=lambda idx: self.predict_indices(idx)[pos])
+        runs = [self._descend(start, fixed, pos) for start in (base, best_uniform)]
         return min(runs, key=lambda idx: self.predict_indices(idx)[pos])
 
     def _descend(self, idx: list[int], fixed: dict[int, int], pos: int) -> list[int]:
