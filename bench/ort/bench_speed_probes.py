@@ -1,9 +1,9 @@
 """Which small probe tracks a whole model's slowdowns on a shared machine?
 
-The LUT's speed reference (``lut.model.REFERENCE``, a 32->32 3x3 conv on 16x16 that stays in L2) is
-timed beside every chunk of a profile and beside every validation. This times, round-robin for
-``--minutes``, that reference, a memory-bound probe (a 256->256 1x1 conv on 32x32: 1 MB in, 1 MB out,
-beyond the 1 MB L2) and whole fp32 models, one p10 per short window each, and reports how each probe's
+The LUT's speed probes (``lut.model.SPEED_PROBES``) are timed beside every chunk of a profile and beside
+every validation: the reference (a 32->32 3x3 conv on 16x16 that stays in L2) and, since session 6 and
+on this bench's evidence, a memory-bound probe (``MEMORY_REFERENCE``: a 256->256 1x1 conv on 32x32, 1 MB
+in, 1 MB out, beyond the 1 MB L2). This times both, round-robin for ``--minutes``, and whole fp32 models, one p10 per short window each, and reports how each probe's
 window-to-window speed follows the whole models' (correlation of log times, and the range of each).
 
     python bench/ort/bench_speed_probes.py --models mobilenetv2,resnet20 --minutes 4 --json OUT
@@ -18,17 +18,14 @@ import time
 
 import numpy as np
 import torch
-from hwmpq.lut.model import REFERENCE
+from hwmpq.lut.model import MEMORY_REFERENCE, REFERENCE
 from hwmpq.lut.validate import export_plan
 from hwmpq.targets.ort.target import OrtTarget
 
 from hwmpq.graph import analyse
-from hwmpq.records import FP32, BitPlan, BuildResult, LayerSpec, MeasureConfig, atomic_write_text
+from hwmpq.records import FP32, BitPlan, BuildResult, MeasureConfig, atomic_write_text
 from hwmpq.zoo import create_model
 from hwmpq.zoo.registry import default_input_shape
-
-MEMORY_PROBE = LayerSpec("memory_probe", "conv", 256, 256, (1, 1), in_hw=(32, 32), out_hw=(32, 32), bias=False,
-                         macs=256 * 256 * 32 * 32, params=256 * 256)
 
 
 def main() -> None:
@@ -41,7 +38,7 @@ def main() -> None:
     target = OrtTarget(threads=1)
     one = MeasureConfig(warmup=5, repeat=args.repeat, rounds=1)
     items: dict[str, BuildResult] = {"reference": target.build_layer(REFERENCE, FP32),
-                                     "memory_probe": target.build_layer(MEMORY_PROBE, FP32)}
+                                     "memory_probe": target.build_layer(MEMORY_REFERENCE, FP32)}
     with tempfile.TemporaryDirectory(prefix="hwmpq-probes-") as tmp:
         for name in args.models.split(","):
             model = create_model(name, num_classes=10).eval()
