@@ -31,6 +31,7 @@ plans were not).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -115,8 +116,6 @@ def measured_uniform(store, signature: str, candidates, config: MeasureConfig) -
 
 def apply_context(table, factors: dict[Precision, float]):
     """``table`` with each layer row at p scaled by (1 + alpha_p)."""
-    import dataclasses
-
     lat = table.layer_ms.copy()
     for p, a in factors.items():
         lat[:, table.candidates.index(p)] *= 1 + a
@@ -129,7 +128,8 @@ def profile_context(model, example_input, specs: Sequence[LayerSpec], edges: Seq
     """Time the uniform plans the store lacks (one "model" row per candidate precision) beside the speed
     probes, again if the machine ran slow (``lut.validate.measure_at_speed``). Only on targets that
     time whole models cheaply (``target.times_whole_models``). Returns how many rows were committed; an
-    export that fails is recorded as a failed row, and an interrupt keeps what was committed before."""
+    export that fails is recorded as a failed row; the rows are committed together after the timing, so an
+    interrupt keeps the layer rows and none of these."""
     from hwmpq.profilers.jobs import MeasureJob
     from hwmpq.profilers.runner import result
 
