@@ -274,9 +274,6 @@ class Measurement:
 class BuildResult:
     artifact: str | None
     error_msg: str | None = None
-    # an artifact the target runs, untimed, before every timed run of ``artifact``: a whole model, so that
-    # the layer is timed in the cache state the rest of the model leaves (lut/model_cache.py)
-    context: str | None = None
 
     _version = 1
 

@@ -73,17 +73,15 @@ def _candidates(specs: Sequence[LayerSpec], target) -> tuple[Precision, ...]:
     return tuple(sorted({p for s in specs for p in target.precisions.for_layer(s)}))
 
 
-def _layers(store, specs, cands, config, target, overhead_ms, allow_emulated, cached=None):
+def _layers(store, specs, cands, config, target, overhead_ms, allow_emulated):
     lat = np.full((len(specs), len(cands)), np.inf)
     en = np.zeros_like(lat)
-    missing, uncached = [], 0
+    missing = []
     for i, s in enumerate(specs):
         for j, p in enumerate(cands):
             if p not in target.precisions.for_layer(s):
                 continue
-            m = store.get("layer", cached(s, p), p, config) if cached else None
-            uncached += cached is not None and (m is None or not m.ok)
-            m = m if m is not None and m.ok else store.get("layer", s.signature, p, config)
+            m = store.get("layer", s.signature, p, config)
             if m is None:
                 missing.append((s.fqn, p.label))
                 continue
@@ -93,9 +91,6 @@ def _layers(store, specs, cands, config, target, overhead_ms, allow_emulated, ca
             if ms is not None:
                 lat[i, j] = max(ms - overhead_ms, 0.0)
                 en[i, j] = m.energy_mj or 0.0
-    if uncached:
-        warnings.warn(f"{uncached} layer rows have no twin timed in the model's cache state (lut/model_cache.py); "
-                      "their plain rows are used. `hwmpq profile --model-cache` measures them", stacklevel=3)
     return lat, en, missing
 
 
@@ -222,13 +217,10 @@ def sharing_weights(edges: Sequence[Edge]) -> dict[tuple[str, str], float]:
 
 
 def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config: MeasureConfig, target, *,
-                allow_foreign: bool = False, allow_emulated: bool = False, context: bool = False,
-                model_cache: bool = False) -> LatencyTable:
+                allow_foreign: bool = False, allow_emulated: bool = False, context: bool = False) -> LatencyTable:
     """The LatencyTable of ``specs`` on ``target`` from ``store`` rows measured under ``config``; with
     ``context`` (an experiment, off by default: lut/context.py), layer rows scaled by the in-context
-    factors of the model's uniform plans if the store holds them; with ``model_cache`` (an experiment,
-    off by default: lut/model_cache.py), layer rows timed in the model's cache state where the store holds
-    them (a warning counts those it lacks).
+    factors of the model's uniform plans if the store holds them.
 
     Raises :class:`MissingEntriesError` naming the (layer, precision) pairs without a row, and
     :class:`ForeignTableError` for a store from another device/target or an emulated one."""
@@ -237,12 +229,7 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
     overhead_ms = _ok_latency(oh, config)
     specs = list(specs)
     cands = _candidates(specs, target)
-    cached = None
-    if model_cache:
-        from .model_cache import row_signatures
-
-        cached = row_signatures(specs, edges)
-    lat, en, missing = _layers(store, specs, cands, config, target, overhead_ms or 0.0, allow_emulated, cached)
+    lat, en, missing = _layers(store, specs, cands, config, target, overhead_ms or 0.0, allow_emulated)
     if overhead_ms is None and hasattr(target, "build_overhead"):
         missing.append(("<session overhead>", "fp32"))
     if missing:

@@ -35,8 +35,7 @@ def short_shape(description: str | None) -> str:
             return "x".join(str(v) for v in d["tensor_shape"])
         k = d["kernel"][0]
         hw = "x".join(str(v) for v in d["in_hw"])
-        cached = f" in model cache {d['model_cache'].rsplit(':', 1)[-1]}" if "model_cache" in d else ""
-        return f"{d['kind']} {d['in_channels']}->{d['out_channels']} k{k} s{d['stride'][0]} {hw}{cached}"
+        return f"{d['kind']} {d['in_channels']}->{d['out_channels']} k{k} s{d['stride'][0]} {hw}"
     except (json.JSONDecodeError, KeyError, TypeError, IndexError):
         return description[:40]
 

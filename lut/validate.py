@@ -31,7 +31,6 @@ class PlanResult:
     error_msg: str | None = None
     speed_error_pct: float | None = None  # the same, the prediction scaled by the report's speed factor
     predicted_context_ms: float | None = None  # with the experimental in-context factors (lut/context.py)
-    predicted_cache_ms: float | None = None  # with the rows timed in the model's cache (lut/model_cache.py)
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,6 @@ class ValidationReport:
     context_factors: dict[str, float] = field(default_factory=dict)
     context_mape_pct: float | None = None
     context_worst_pct: float | None = None
-    # the experimental rows timed in the model's cache state (lut/model_cache.py; None without the twin rows
-    # of `hwmpq profile --model-cache`): MAPE and worst error with them
-    cache_mape_pct: float | None = None
-    cache_worst_pct: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -187,7 +182,6 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
 
     from .context import plain_and_context
     from .model import build_table, edges_through_merges, speed_rows
-    from .model_cache import has_cache_rows
 
     if n_plans < 1:
         raise ValueError(f"n_plans must be >= 1, got {n_plans}")
@@ -199,8 +193,6 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
     edges = edges_through_merges(model, example_input)
     table = build_table(store, specs, edges, config, target, allow_foreign=allow_foreign)
     factors, in_context = plain_and_context(table, store, specs, edges, config)
-    cached = (build_table(store, specs, edges, config, target, allow_foreign=allow_foreign, model_cache=True)
-              if has_cache_rows(store, specs, edges, config) else None)
     results = []
     plans = random_plans(table, n_plans, seed)
     probe_rows = speed_rows(store, config)
@@ -214,11 +206,10 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
         pct = None if quoted is None else (predicted - quoted) / quoted * 100
         spct = None if quoted is None or speed is None else (predicted * speed - quoted) / quoted * 100
         results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, quoted, p10, p90, pct, err, spct,
-                                  in_context.predict(plan)[0] if factors else None,
-                                  cached.predict(plan)[0] if cached is not None else None))
+                                  in_context.predict(plan)[0] if factors else None))
     errs = [abs(r.error_pct) for r in results if r.error_pct is not None]
-    ctx_errs = _errors(results, "predicted_context_ms")
-    cache_errs = _errors(results, "predicted_cache_ms")
+    ctx_errs = [abs(r.predicted_context_ms - r.measured_ms) / r.measured_ms * 100
+                for r in results if r.measured_ms is not None and r.predicted_context_ms is not None]
     serrs = [abs(r.speed_error_pct) for r in results if r.speed_error_pct is not None]
     report = ValidationReport(
         target.id, model_name or type(model).__name__, asdict(config), tuple(results),
@@ -229,17 +220,10 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
         speed, sum(serrs) / len(serrs) if serrs else None, max(serrs) if serrs else None,
         check.factors if check else {}, check.attempts if check else 1,
         {p.label: a for p, a in factors.items()}, sum(ctx_errs) / len(ctx_errs) if ctx_errs else None,
-        max(ctx_errs) if ctx_errs else None, sum(cache_errs) / len(cache_errs) if cache_errs else None,
-        max(cache_errs) if cache_errs else None)
+        max(ctx_errs) if ctx_errs else None)
     if json_out:
         atomic_write_text(json_out, json.dumps(report.as_dict(), indent=1) + "\n")
     return report
-
-
-def _errors(results, predicted: str) -> list[float]:
-    """|error| % of each measured plan's alternative prediction ``predicted`` (a PlanResult field)."""
-    return [abs(getattr(r, predicted) - r.measured_ms) / r.measured_ms * 100
-            for r in results if r.measured_ms is not None and getattr(r, predicted) is not None]
 
 
 def format_report(report: ValidationReport) -> str:
@@ -256,9 +240,6 @@ def format_report(report: ValidationReport) -> str:
         fac = ", ".join(f"{k} {1 + v:.3f}x" for k, v in report.context_factors.items())
         lines.append(f"with the experimental in-context factors of the uniform plans ({fac}): "
                      f"MAPE {report.context_mape_pct:.1f}%  worst {report.context_worst_pct:.1f}%")
-    if report.cache_mape_pct is not None:
-        lines.append(f"with the experimental rows timed in the model's cache state: "
-                     f"MAPE {report.cache_mape_pct:.1f}%  worst {report.cache_worst_pct:.1f}%")
     if report.speed_factor is not None:
         probes = ", ".join(f"{k} {v:.3f}x" for k, v in report.speed_factors.items())
         lines.append(f"speed probes against their LUT rows ({probes}; >1: slower now; timed "

@@ -66,9 +66,6 @@ def profile_command(
     context: Annotated[bool, typer.Option(
         help="also time the model's uniform plans end to end (targets that run whole models: ort-x86) for the "
              "experimental in-context factors (lut/context.py; `lut validate` reports their error too)")] = False,
-    model_cache: Annotated[bool, typer.Option(
-        help="also time each of the model's layer rows right after the whole model ran, in the cache state it "
-             "leaves (targets that run whole models: ort-x86; an experiment, lut/model_cache.py)")] = False,
     retry_failed: Annotated[bool, typer.Option(help="measure again jobs recorded as failures")] = False,
     max_run_failures: Annotated[int, typer.Option(help="stop after this many run failures in a row (0: never)")] = 5,
     speed_tolerance: Annotated[float, typer.Option(
@@ -82,7 +79,6 @@ def profile_command(
 
     Interrupt it at any time: every finished measurement is already committed, and the same command
     resumes with only the missing ones."""
-    import tempfile
     import warnings
 
     from hwmpq.lut.store import LutStore
@@ -107,27 +103,14 @@ def profile_command(
     except ValueError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
-    with store, tempfile.TemporaryDirectory(prefix="hwmpq-model-cache-") as tmp:
+    with store:
         try:
             from hwmpq.lut.model import profiling_specs
-
-            cache = None
-            if model_cache:
-                from hwmpq.lut.model_cache import prepare
-
-                if not quiet:
-                    console.print("exporting the model's uniform plans (the cache states of --model-cache)")
-                try:
-                    cache = prepare(net, x, specs, edges, tgt, tmp)
-                except ValueError as e:
-                    console.print(f"[red]error:[/] {e}")
-                    raise typer.Exit(2) from None
 
             # transition stand-in layers (one per edge shape) are measured like layers: build_table needs them
             report = profile(profiling_specs(specs, edges, tgt), edges, tgt, store, config, progress=not quiet, transitions=transitions,
                              retry_failed=retry_failed, max_run_failures=max_run_failures,
-                             speed_tolerance=speed_tolerance, speed_retries=speed_retries, console=console,
-                             model_cache=cache)
+                             speed_tolerance=speed_tolerance, speed_retries=speed_retries, console=console)
             if context and report.complete:
                 from hwmpq.lut.context import profile_context
 

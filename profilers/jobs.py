@@ -42,16 +42,13 @@ class MeasureJob:
     activation: str = "relu"  # the edge's (pair chains only)
     merge: str = "none"  # the edge's merge (pair chains only): "add" chains through a residual add
     fqns: tuple[str, ...] = ()  # the model's layers (or edges "src->dst") this job stands for
-    context: str | None = None  # layer rows in a model's cache state: (context id, model artifact run before)
-    context_artifact: str | None = None
 
     @property
     def label(self) -> str:
         if self.kind == "layer":
             s = self.spec
             what = f"{s.kind} {s.in_channels}->{s.out_channels} k{s.kernel[0]} s{s.stride[0]} {s.in_hw[0]}x{s.in_hw[1]}"
-            where = " in the model's cache" if self.context else ""
-            return f"layer {what} @ {self.precision.label}{where} ({self.fqns[0]})"
+            return f"layer {what} @ {self.precision.label} ({self.fqns[0]})"
         if self.kind == "transition":
             what = ("x".join(map(str, self.shape or ())) if self.src_spec is None
                     else f"{self.src_spec.fqn}-{'add-' if self.merge == 'add' else ''}{self.activation}->"
@@ -63,8 +60,7 @@ class MeasureJob:
     def description(self) -> str:
         """What the signature stands for, as stored in the LUT's shapes table."""
         if self.kind == "layer":
-            return json.dumps(self.spec.shape_fields | ({"model_cache": self.context} if self.context else {}),
-                              sort_keys=True)
+            return json.dumps(self.spec.shape_fields, sort_keys=True)
         if self.kind == "transition" and self.src_spec is not None:
             return json.dumps({"pair": [self.src_spec.shape_fields, self.spec.shape_fields],
                                "activation": self.activation}
@@ -77,8 +73,7 @@ class MeasureJob:
         """Ask ``target`` to build this job (a target error surfaces as BuildResult.error_msg)."""
         try:
             if self.kind == "layer":
-                build = target.build_layer(self.spec, self.precision)
-                return replace(build, context=self.context_artifact) if self.context_artifact else build
+                return target.build_layer(self.spec, self.precision)
             if self.kind == "transition" and self.src_spec is not None:
                 return target.build_pair(self.src_spec, self.src_precision, self.spec, self.precision,
                                          self.activation, self.merge)
@@ -97,12 +92,10 @@ def timed_as_pair(edge: Edge, by_fqn: dict[str, LayerSpec], target) -> bool:
 
 
 def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
-              transitions: bool = True, model_cache=None) -> list[MeasureJob]:
+              transitions: bool = True) -> list[MeasureJob]:
     """Unique jobs in a stable order: overhead; then, walking the layers in execution order, each layer's
     jobs followed by the pair-chain jobs of the edges into it; then per remaining edge tensor shape its
-    stand-in's layer jobs followed by its stand-in chain jobs. With ``model_cache``
-    (lut/model_cache.py: ``ModelCache``), each of the model's layer jobs is followed by its twin timed in
-    the model's cache state.
+    stand-in's layer jobs followed by its stand-in chain jobs.
 
     A transition cost is a chain time minus the two layer rows in it (lut/model.py): a small difference
     of large numbers. So a chain is measured right after the rows it is compared with, in the same or the
@@ -122,8 +115,6 @@ def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
             else:
                 old = mine[at]
                 mine[at] = MeasureJob("layer", old.signature, p, spec=old.spec, fqns=old.fqns + (spec.fqn,))
-    if model_cache is not None:
-        layer_jobs = {sig: [t for j in mine for t in (j, *model_cache.twins(j))] for sig, mine in layer_jobs.items()}
     if not (transitions and hasattr(target, "build_transition")):
         return jobs + [j for mine in layer_jobs.values() for j in mine]
     for e in edges:

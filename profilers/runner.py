@@ -315,20 +315,19 @@ class _Loop:
 def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, config: MeasureConfig, *,
             progress: bool = True, transitions: bool = True, retry_failed: bool = False,
             max_run_failures: int = 5, max_crashes: int = 2, speed_tolerance: float = 0.10,
-            speed_retries: int = 2, console=None, model_cache=None) -> ProfileReport:
+            speed_retries: int = 2, console=None) -> ProfileReport:
     """Measure every unique job of the model that ``store`` lacks, committing each as it completes.
 
     Ctrl-C stops cleanly (committed rows stay; run the same command again to resume). A job inside which
     the process died ``max_crashes`` times (a native crash in a backend) is recorded as failed instead of
     crashing every rerun. ``speed_tolerance``/``speed_retries``: the speed gate of :meth:`_Loop.step_chunk`
     (0 turns it off; it is off on emulated devices). ``console``: a rich Console for progress and
-    messages (default: stderr). ``model_cache``: also time the model's layer rows in its cache state
-    (lut/model_cache.py: ``ModelCache``)."""
+    messages (default: stderr)."""
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
     t0 = time.perf_counter()
-    jobs = plan_jobs(specs, edges, target, transitions=transitions, model_cache=model_cache)
+    jobs = plan_jobs(specs, edges, target, transitions=transitions)
     store.note_shapes({(j.kind, j.signature): j.description for j in jobs})
     todo = pending_jobs(jobs, store, config, retry_failed)
     if progress:

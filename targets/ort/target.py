@@ -78,7 +78,6 @@ class OrtTarget:
         self.exact_u8s8 = (not fast_int8_is_exact()) if exact_u8s8 is None else bool(exact_u8s8)
         self._workdir = workdir
         self._counter = 0
-        self._contexts: dict[str, tuple] = {}  # context artifact -> (session, feeds), made once
 
     # ------------------------------------------------------------ identity
     def device(self) -> DeviceInfo:
@@ -150,23 +149,7 @@ class OrtTarget:
         if config.threads != self.threads:
             return RunResult(None, f"MeasureConfig.threads={config.threads} but this target was made with "
                                    f"threads={self.threads}; make OrtTarget(threads={config.threads})")
-        before = None
-        if build.context is not None:
-            try:
-                session, feeds = self._context(build.context)
-            except Exception as e:  # ORT raises its own types
-                return RunResult(None, f"context model {build.context} failed: {type(e).__name__}: {e}")
-            before = lambda: session.run(None, feeds)  # noqa: E731
-        return time_model(build.artifact, config, clock=self.clock, exact_u8s8=self.exact_u8s8, before=before)
-
-    def _context(self, path: str) -> tuple:
-        """(session, feeds) of a context model (BuildResult.context), made on first use."""
-        from .timing import make_session, random_feeds
-
-        if path not in self._contexts:
-            session = make_session(path, self.threads, exact_u8s8=self.exact_u8s8)
-            self._contexts[path] = (session, random_feeds(session))
-        return self._contexts[path]
+        return time_model(build.artifact, config, clock=self.clock, exact_u8s8=self.exact_u8s8)
 
     def energy(self, spec: LayerSpec, precision: Precision, latency_ms: float | None) -> tuple[float | None, str]:
         from ..energy import layer_energy
@@ -194,7 +177,6 @@ class OrtTarget:
         return self.run(BuildResult(export.artifact), config)
 
     def cleanup(self) -> None:
-        self._contexts.clear()
         if self._workdir and Path(self._workdir).name.startswith("hwmpq-ort-"):
             shutil.rmtree(self._workdir, ignore_errors=True)
 

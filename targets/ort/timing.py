@@ -107,10 +107,8 @@ def resolve_clock(clock: str, threads: int) -> str:
     return clock
 
 
-def time_session(session, feeds: dict[str, np.ndarray], config: MeasureConfig, clock: str = "wall",
-                 before=None) -> RunResult:
-    """Warm up, then ``config.repeat`` samples of ``number`` runs (ms per run); timeouts are results.
-    ``before``: called, untimed, before every timed run (lut/model_cache.py: another model's run)."""
+def time_session(session, feeds: dict[str, np.ndarray], config: MeasureConfig, clock: str = "wall") -> RunResult:
+    """Warm up, then ``config.repeat`` samples of ``number`` runs (ms per run); timeouts are results."""
     now = time.thread_time if resolve_clock(clock, config.threads) == "thread_cpu" else time.perf_counter
     deadline = time.perf_counter() + config.timeout_s
     try:
@@ -126,19 +124,10 @@ def time_session(session, feeds: dict[str, np.ndarray], config: MeasureConfig, c
             number = max(number, int(np.ceil(config.min_repeat_ms / one_ms)))
         samples = []
         for _ in range(config.repeat):
-            if before is None:
-                t0 = now()
-                for _ in range(number):
-                    session.run(None, feeds)
-                samples.append((now() - t0) * 1e3 / number)
-            else:
-                spent = 0.0
-                for _ in range(number):
-                    before()
-                    t0 = now()
-                    session.run(None, feeds)
-                    spent += now() - t0
-                samples.append(spent * 1e3 / number)
+            t0 = now()
+            for _ in range(number):
+                session.run(None, feeds)
+            samples.append((now() - t0) * 1e3 / number)
             if time.perf_counter() > deadline:
                 return RunResult(tuple(samples), f"timeout after {len(samples)} of {config.repeat} samples "
                                                  f"({config.timeout_s} s)")
@@ -148,15 +137,14 @@ def time_session(session, feeds: dict[str, np.ndarray], config: MeasureConfig, c
 
 
 def time_model(model_path_or_bytes, config: MeasureConfig, feeds: dict[str, np.ndarray] | None = None,
-               clock: str = "wall", exact_u8s8: bool | None = None, before=None) -> RunResult:
-    """Create a session for the model and time it (``before``: see :func:`time_session`); session-creation
-    errors are results."""
+               clock: str = "wall", exact_u8s8: bool | None = None) -> RunResult:
+    """Create a session for the model and time it; session-creation errors are results."""
     try:
         session = make_session(model_path_or_bytes, config.threads, exact_u8s8=exact_u8s8)
         feeds = feeds if feeds is not None else random_feeds(session)
     except Exception as e:
         return RunResult(None, f"session creation failed: {type(e).__name__}: {e}")
-    return time_session(session, feeds, config, clock, before)
+    return time_session(session, feeds, config, clock)
 
 
 @dataclass(frozen=True)
