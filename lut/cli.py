@@ -131,9 +131,11 @@ def show_command(
         console.print(tr)
     for r in df[df["kind"] == "overhead"].itertuples():
         console.print("per-model overhead: " + (f"{r.latency_ms:.4f} ms" if r.ok else f"failed ({r.error_msg})"))
-    for r in df[df["kind"] == "model"].sort_values("time_unix").itertuples():  # lut/context.py
-        console.print(f"whole model {r.signature}, uniform {r.precision}: "
-                      + (f"p10 {r.p10_ms:.4f} ms, median {r.latency_ms:.4f} ms" if r.ok else f"failed ({r.error_msg})"))
+    kernels = df[df["kind"] == "kernel"]  # lut/context.py
+    if len(kernels):
+        by = kernels.groupby("precision").size()
+        console.print("kernels in context (in a uniform plan and alone, lut/context.py): "
+                      + ", ".join(f"{p} {n // 2} layers" for p, n in by.items()))
     if plot:
         try:
             plot_heatmap(matrix, plot, title=f"{path}: {df_all['target'].iloc[0] if len(df_all) else ''}")

@@ -1,50 +1,48 @@
-"""Layers in context: each uniform plan of the model timed end to end at profile time, and the
-per-precision factor by which its layers run slower (or faster) inside the whole model than their rows say.
+"""Kernels in context: each layer's kernel timed inside the model's uniform plans and alone, so that the
+latency model adds what the whole model costs a layer beyond its row.
 
-Why: isolated rows and two-layer chains do not see everything a whole model does. Measured on mobilenetv2
-@32 fp32 with ORT's node profiler (bench/ort/README.md, "Session 6"): late, weight-heavy convs run 5-20%
-slower in the whole model than alone or in a pair, and a long run cannot stay in this VM's fast state
-(bench_duty_cycle.py), so rows + transitions under-predicted its float plans by 10-16% while its int8 plan
-was within 1%.
+Why: a layer row runs the layer back to back, with its weights, input and code in the core's caches; in
+the whole model every other layer runs between two runs of it. Measured with ORT's node profiler on
+mobilenetv2 @32 fp32 (bench/ort/README.md, "Session 7"; bench_cache_state.py): the projection convs,
+which fuse no activation, ran 2-7 us slower in the whole model than alone, and the weight-heavy ones
+about 26 us more per MB of weights (features.17.conv.2, 1.2 MB: 0.124 ms against 0.093); summed over the
+model the kernels took 0.2-0.7 ms (10-35%) longer than alone. That is the size of mobilenetv2's
+under-prediction by rows + transitions (fp32 plans -10..-15%). Timing the rows in the model's cache
+state instead (the whole model run untimed before every run of the row) did not work: such a session
+run was 1.7-2.5x the kernel's in-model time (a cold session, not only cold weights).
 
-What is measured: for every candidate precision p, the model with every layer at p (fp32 where p is not
-allowed) is exported and timed at profile time, beside the speed probes (a "model" row per p, keyed by
-:func:`model_signature`). The latency model then solves, in order, one factor per precision:
+What is measured (:func:`profile_context`; ``hwmpq profile`` does it by default on targets that trace
+kernels in whole models: ort-x86): for every candidate precision p, the model's uniform plan at p (fp32
+where p is not allowed) is exported and run with the node profiler on. Each layer also runs alone with
+the profiler on, as its layer row plus, on a float output, the residual add and activation of its
+output edge (what ORT fuses into a float conv in the whole model, and what the pair chains already
+price). ``rounds`` rounds alternate the whole model and the layers, so a slow spell of the machine hits
+both alike. The model's layer-computing kernels are matched to its layers by input shape and time
+(:func:`match_kernels`; ORT does not run them in the model's call order); a plan whose kernels cannot be
+matched is skipped, with a warning. Stored: two "kernel" rows per (layer, p), its kernel in
+the model and alone (:func:`kernel_signature`; median, p10 and p90 over all runs).
 
-    alpha_fp32 = (M(fp32) - pred(fp32)) / S_fp32(fp32)
-    alpha_p    = (M(p) - pred(p) - alpha_fp32 * S_fp32(p)) / S_p(p)
-
-``M`` the measured uniform plan, ``pred`` the prediction of rows + transitions, ``S_q(p)`` the summed rows
-of the layers at q in the uniform plan of p; a precision that holds less than a quarter of its own uniform
-plan's row time (w4a32: only the classifier) gets no factor (alpha 0). Each layer row at p is scaled by
-(1 + alpha_p). The uniform plans are never among ``lut validate``'s random plans (those draw every layer's
-precision at random); validate reports the error with and without the factors.
-
-Status: an experiment, off by default (``hwmpq profile --context`` times the rows; ``build_table(...,
-context=True)`` uses them). In one A/B on the same LUTs and plans (bench/ort/README.md, "Session 6") the
-factors cut mobilenetv2's MAPE from 12.4% to 5.7% and from 18.4% to 11.5%, but raised resnet20's from 3.1%
-to 9.4% and from 2.4% to 14.5%: one uniform whole-model timing per precision carries this VM's +-5-10%
-drift, and a uniform plan's residual mixes the layers' in-context slowdown with its own same-precision
-transitions (resnet20's uniform w16a16 was 32% over its rows and transitions, its w16a16 layers in mixed
-plans were not).
+How it is used: :func:`kernel_deltas` gives, per (layer, p), the median kernel time in the uniform plan
+at p minus alone; ``build_table`` adds it to the layer's row at p (``context=True``, the default, where
+the LUT holds both rows; older LUTs are read as before). The uniform plans are never among ``lut
+validate``'s random plans, which draw every layer's precision at random. A layer in a mixed plan gets
+the delta of the uniform plan of its own precision: an approximation, as the caches a mixed plan leaves
+lie between the uniform plans'.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import tempfile
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision, RunResult
+from hwmpq.records import FP32, BitPlan, Edge, LayerSpec, MeasureConfig, Precision, RunResult
 
-KIND = "model"
-MIN_SHARE = 0.25  # a precision below this share of its own uniform plan's row time gets no factor
-ALPHA_RANGE = (-0.75, 1.0)  # beyond this the uniform plans disagree with the rows too much to trust
+KIND = "kernel"
+WHERE = ("in_model", "alone")
 
 
 def model_signature(specs: Sequence[LayerSpec], edges: Sequence[Edge]) -> str:
@@ -57,122 +55,167 @@ def model_signature(specs: Sequence[LayerSpec], edges: Sequence[Edge]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def uniform_indices(table) -> dict[int, list[int]]:
-    """Per candidate index p: the uniform plan's candidate indices (p where allowed, fp32 elsewhere);
-    only candidates some layer allows."""
-    f = table.candidates.index(FP32)
+def kernel_signature(model: str, fqn: str, where: str) -> str:
+    """Signature of the kernel row of layer ``fqn`` of the model ``model`` (:func:`model_signature`),
+    timed ``where`` ("in_model" or "alone")."""
+    if where not in WHERE:
+        raise ValueError(f"where must be one of {WHERE}, got {where!r}")
+    return hashlib.sha256(json.dumps([KIND, model, fqn, where]).encode()).hexdigest()[:16]
+
+
+def uniform_plans(specs: Sequence[LayerSpec], target) -> dict[Precision, BitPlan]:
+    """Per precision some layer allows: every layer at it, fp32 where it is not allowed."""
+    cands = sorted({p for s in specs for p in target.precisions.for_layer(s)})
+    return {p: BitPlan(tuple((s.fqn, p if p in target.precisions.for_layer(s) else FP32) for s in specs))
+            for p in cands}
+
+
+def output_glue(specs: Sequence[LayerSpec], edges: Sequence[Edge]) -> dict[str, tuple[str, str]]:
+    """Per layer, (activation, merge) of its first output edge: what follows it in the model."""
+    out: dict[str, tuple[str, str]] = {}
+    for e in sorted(edges, key=lambda e: (e.src, e.dst)):
+        out.setdefault(e.src, (e.activation, e.merge))
+    return {s.fqn: out.get(s.fqn, ("none", "none")) for s in specs}
+
+
+def kernel_deltas(store, specs: Sequence[LayerSpec], edges: Sequence[Edge],
+                  config: MeasureConfig) -> dict[tuple[str, Precision], float]:
+    """{(layer fqn, precision): median kernel ms in the uniform plan minus alone} for the pairs whose
+    two rows the store holds (a layer has rows only at the precisions it runs: in the uniform plan of a
+    precision it does not allow, it runs fp32 and is not timed)."""
+    model = model_signature(specs, edges)
     out = {}
-    for p in range(len(table.candidates)):
-        idx = [p if table.allowed[i, p] else f for i in range(len(table.fqns))]
-        if p == f or any(i == p for i in idx):
-            out[p] = idx
+    for p in sorted({m.precision for m in store.measurements(KIND)}):
+        for s in specs:
+            rows = [store.get(KIND, kernel_signature(model, s.fqn, w), p, config) for w in WHERE]
+            if all(r is not None and r.ok for r in rows):
+                out[(s.fqn, p)] = rows[0].latency_ms - rows[1].latency_ms
     return out
 
 
-def context_factors(table, measured: dict[Precision, float]) -> dict[Precision, float]:
-    """{precision: alpha} from the uniform plans' measured latencies (see the module doc); {} without an
-    fp32 measurement."""
-    f = table.candidates.index(FP32)
-    if measured.get(FP32) is None:
-        return {}
-    plans = uniform_indices(table)
-    rows = np.arange(len(table.fqns))
+def _fits(shape: tuple[int, ...], spec: LayerSpec) -> bool:
+    """Whether a kernel whose first input has ``shape`` can compute ``spec``: same rank and, for 4-d
+    inputs, the layer's input height and width in NCHW(c) or NHWC order (NCHWc pads channels to its
+    block, an integer conv runs NHWC, so channels are not compared)."""
+    if len(shape) != len(spec.input_shape):
+        return False
+    return len(shape) != 4 or tuple(spec.in_hw) in {(shape[2], shape[3]), (shape[1], shape[2])}
 
-    def parts(idx: list[int], p: int) -> tuple[float, float, float]:
-        at = np.asarray(idx) == p
-        lat = table.layer_ms[rows, idx]
-        return table.predict_indices(idx)[0], float(lat[at].sum()), float(lat[~at].sum())
 
-    pred, s_f, _ = parts(plans[f], f)
-    alphas = {FP32: (measured[FP32] - pred) / s_f if s_f > 0 else 0.0}
-    for p, idx in plans.items():
-        cand = table.candidates[p]
-        if p == f or measured.get(cand) is None:
-            continue
-        pred, s_p, s_rest = parts(idx, p)
-        if s_p < MIN_SHARE * (s_p + s_rest):
-            alphas[cand] = 0.0
-            continue
-        alphas[cand] = (measured[cand] - pred - alphas[FP32] * s_rest) / s_p
-    out = {}
-    for cand, a in alphas.items():
-        clipped = float(np.clip(a, *ALPHA_RANGE))
-        if clipped != a:
-            warnings.warn(f"in-context factor of {cand.label} {1 + a:.2f}x is outside "
-                          f"{1 + ALPHA_RANGE[0]:.1f}..{1 + ALPHA_RANGE[1]:.1f}x: clipped (a noisy profile?)",
-                          stacklevel=2)
-        out[cand] = clipped
+def match_kernels(specs: Sequence[LayerSpec], shapes: Sequence[tuple[int, ...]], in_model_ms: Sequence[float],
+                  alone_ms: dict[str, float]) -> list[str] | None:
+    """The layer (fqn) each of a whole model's kernels computes, from the kernels' input shapes (in
+    execution order) and median times; None if they cannot be told apart.
+
+    ORT does not run the layers in the order the model's code calls them (resnet20's 1x1 shortcut runs
+    between conv1 and conv2 in fp32, before conv1 in int8) and names fused kernels after their last op.
+    So each kernel goes to a layer whose input it fits (:func:`_fits`) and whose alone time is closest
+    to it (a linear assignment on relative differences), and layers of one signature take theirs in
+    execution order."""
+    from scipy.optimize import linear_sum_assignment
+
+    if len(shapes) != len(specs):
+        return None
+    far = 1e6
+    cost = np.array([[abs(in_model_ms[k] - alone_ms[s.fqn]) / max(alone_ms[s.fqn], 1e-6) + (0 if _fits(sh, s) else far)
+                      for s in specs] for k, sh in enumerate(shapes)])
+    if not np.all(np.isfinite(cost)):
+        return None
+    rows, cols = linear_sum_assignment(cost)
+    if cost[rows, cols].max() >= far:
+        return None
+    signature_of = {int(r): specs[c].signature for r, c in zip(rows, cols, strict=True)}
+    out: list[str] = [""] * len(shapes)
+    for sig in {s.signature for s in specs}:
+        mine = [k for k in range(len(shapes)) if signature_of[k] == sig]  # execution order
+        for k, s in zip(mine, [s for s in specs if s.signature == sig], strict=True):
+            out[k] = s.fqn
     return out
-
-
-def measured_uniform(store, signature: str, candidates, config: MeasureConfig) -> dict[Precision, float]:
-    out = {}
-    for p in candidates:
-        m = store.get(KIND, signature, p, config)
-        if m is not None and m.ok and m.quoted_ms(config.statistic):
-            out[p] = m.quoted_ms(config.statistic)
-    return out
-
-
-def apply_context(table, factors: dict[Precision, float]):
-    """``table`` with each layer row at p scaled by (1 + alpha_p)."""
-    lat = table.layer_ms.copy()
-    for p, a in factors.items():
-        lat[:, table.candidates.index(p)] *= 1 + a
-    return dataclasses.replace(table, layer_ms=lat)
 
 
 def profile_context(model, example_input, specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store,
-                    config: MeasureConfig, *, speed_tolerance: float = 0.10, speed_retries: int = 2,
-                    console=None) -> int:
-    """Time the uniform plans the store lacks (one "model" row per candidate precision) beside the speed
-    probes, again if the machine ran slow (``lut.validate.measure_at_speed``). Only on targets that
-    time whole models cheaply (``target.times_whole_models``). Returns how many rows were committed; an
-    export that fails is recorded as a failed row; the rows are committed together after the timing, so an
-    interrupt keeps the layer rows and none of these."""
+                    config: MeasureConfig, *, rounds: int = 3, runs: int = 60, console=None) -> int:
+    """Time every layer's kernel in the uniform plans the store lacks and alone (see the module doc).
+    Only on targets that trace kernels in whole models (``kernel_samples``). Each precision's rows are
+    committed together when its rounds end: an interrupt keeps the precisions finished before it.
+    Returns how many rows were committed."""
+    import tempfile
+
     from hwmpq.profilers.jobs import MeasureJob
     from hwmpq.profilers.runner import result
 
-    from .model import build_table, speed_rows
-    from .validate import export_plan, measure_at_speed, measure_samples
+    from .validate import export_plan
 
-    if not getattr(target, "times_whole_models", False):
+    if not (getattr(target, "times_whole_models", False) and hasattr(target, "kernel_samples")):
         return 0
-    table = build_table(store, specs, edges, config, target)
     sig = model_signature(specs, edges)
-    todo = {table.candidates[p]: table.plan_from_indices(idx, notes="uniform plan (context row)")
-            for p, idx in uniform_indices(table).items()
-            if store.get(KIND, sig, table.candidates[p], config) is None}
+    todo = {p: plan for p, plan in uniform_plans(specs, target).items()
+            if any(store.get(KIND, kernel_signature(sig, f, w), p, config) is None
+                   for f, q in plan.layers if q == p for w in WHERE)}
     if not todo:
         return 0
     if console is not None:
-        console.print(f"timing {len(todo)} uniform plan(s) of the whole model in context: "
-                      f"{', '.join(p.label for p in todo)}")
+        console.print(f"timing the layers' kernels in the uniform plan(s) {', '.join(p.label for p in todo)} "
+                      "of the whole model and alone (lut/context.py)")
     device = target.device()
-    store.note_shapes({(KIND, sig): json.dumps({"uniform_plans_of": [s.fqn for s in specs][:3] + ["..."],
-                                                "layers": len(specs)})})
+    glue = output_glue(specs, edges)
+    store.note_shapes({(KIND, kernel_signature(sig, s.fqn, w)): json.dumps({"kernel_of": s.fqn, "where": w})
+                       for s in specs for w in WHERE})
     committed = 0
     with tempfile.TemporaryDirectory(prefix="hwmpq-context-") as tmp:
-        exports, failed = {}, {}
         for p, plan in todo.items():
             try:
-                exports[p] = export_plan(target, model, plan, example_input, f"{tmp}/{p.label}")
-            except Exception as e:  # noqa: BLE001 (an export bug is a failed row, not a lost profile)
-                failed[p] = f"export failed: {type(e).__name__}: {e}"
-        timed, _ = measure_at_speed(target, list(exports.values()), config, speed_rows(store, config),
-                                    tolerance=speed_tolerance, retries=speed_retries, measure=measure_samples)
-        runs = {p: RunResult(tuple(samples) if samples else None, err)
-                for p, (_, samples, err) in zip(exports, timed, strict=True)}
-        runs.update({p: RunResult(None, msg) for p, msg in failed.items()})
-        for p, run in runs.items():
-            store.add(result(MeasureJob(KIND, sig, p), target, config, device, run))
-            committed += 1
+                whole = export_plan(target, model, plan, example_input, f"{tmp}/{p.label}").artifact
+            except Exception as e:  # noqa: BLE001 (an export bug costs this precision's deltas, not the profile)
+                warnings.warn(f"kernels in context: exporting the uniform {p.label} plan failed ({e}); skipped",
+                              stacklevel=2)
+                continue
+            at = dict(plan.layers)  # layers that do not allow p run fp32: timed too, to tell the kernels apart
+            alone = {s.fqn: target.build_layer_with_activation(s, at[s.fqn], *glue[s.fqn]) for s in specs}
+            in_model: list[list[float]] = [[] for _ in specs]
+            shapes: list[tuple[int, ...]] = []
+            by_itself: dict[str, list[float]] = {s.fqn: [] for s in specs}
+            for _ in range(rounds):
+                kernels = target.kernel_samples(whole, runs)
+                shapes = shapes or [shape for _, shape, _ in kernels]
+                if len(kernels) != len(specs) or [shape for _, shape, _ in kernels] != shapes:
+                    shapes = []
+                    break
+                for k, (_, _, ms) in enumerate(kernels):
+                    in_model[k] += ms
+                for s in specs:
+                    build = alone[s.fqn]
+                    ks = target.kernel_samples(build.artifact, runs) if build.artifact else []
+                    if len(ks) == 1:
+                        by_itself[s.fqn] += ks[0][2]
+            medians = {f: float(np.median(v)) if v else np.inf for f, v in by_itself.items()}
+            fqn_of = match_kernels(specs, shapes, [float(np.median(v)) for v in in_model], medians) if shapes else None
+            if fqn_of is None:
+                warnings.warn(f"kernels in context: the uniform {p.label} plan's layer kernels do not match its "
+                              f"{len(specs)} layers (kernel input shapes: {shapes or 'none'}); its deltas are "
+                              "skipped", stacklevel=2)
+                continue
+            samples_in = {f: in_model[k] for k, f in enumerate(fqn_of)}
+            for s in specs:
+                if at[s.fqn] != p:
+                    continue
+                for where, samples in (("in_model", samples_in[s.fqn]), ("alone", by_itself[s.fqn])):
+                    run = RunResult(tuple(samples) if samples else None,
+                                    None if samples else "no kernel time (the layer alone did not build or ran no "
+                                                         "single kernel)")
+                    store.add(result(MeasureJob(KIND, kernel_signature(sig, s.fqn, where), p), target, config,
+                                     device, run))
+                    committed += 1
     return committed
 
 
-def plain_and_context(table, store, specs, edges, config: MeasureConfig):
-    """(factors, table with them) for ``table`` built without context; ({}, table) without model rows."""
-    factors = context_factors(table, measured_uniform(store, model_signature(specs, edges), table.candidates,
-                                                      config))
-    return factors, (apply_context(table, factors) if factors else table)
-
+def apply_deltas(lat: np.ndarray, specs: Sequence[LayerSpec], cands: Sequence[Precision],
+                 deltas: dict[tuple[str, Precision], float]) -> np.ndarray:
+    """``lat`` [layers, candidates] with each layer's delta at each precision added (floored at 0)."""
+    out = lat.copy()
+    for i, s in enumerate(specs):
+        for j, p in enumerate(cands):
+            d = deltas.get((s.fqn, p))
+            if d is not None and np.isfinite(out[i, j]):
+                out[i, j] = max(out[i, j] + d, 0.0)
+    return out

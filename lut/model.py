@@ -15,6 +15,8 @@
   what handing the tensor across costs beyond what the isolated layer rows include: DQ/ReLU/Q glue,
   layout changes between integer (NHWC) and float (NCHWc) kernels, lost fusions, cache effects.
 - ``overhead_ms``: the overhead row (one empty session run).
+- in context (lut/context.py, where the LUT holds its kernel rows): each ``layer_ms[l, p]`` plus what the
+  layer's kernel took more inside the model's uniform plan at p than alone.
 
 Edges: pass :func:`edges_through_merges` (edges also across residual adds, where the exporter dequantizes
 and requantizes too) for the best fidelity; ``hwmpq.graph.analyse`` edges stop at merges.
@@ -217,10 +219,10 @@ def sharing_weights(edges: Sequence[Edge]) -> dict[tuple[str, str], float]:
 
 
 def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config: MeasureConfig, target, *,
-                allow_foreign: bool = False, allow_emulated: bool = False, context: bool = False) -> LatencyTable:
+                allow_foreign: bool = False, allow_emulated: bool = False, context: bool = True) -> LatencyTable:
     """The LatencyTable of ``specs`` on ``target`` from ``store`` rows measured under ``config``; with
-    ``context`` (an experiment, off by default: lut/context.py), layer rows scaled by the in-context
-    factors of the model's uniform plans if the store holds them.
+    ``context`` (the default), each layer row plus what its kernel costs more inside the whole model than
+    alone (lut/context.py), where the store holds those kernel rows.
 
     Raises :class:`MissingEntriesError` naming the (layer, precision) pairs without a row, and
     :class:`ForeignTableError` for a store from another device/target or an emulated one."""
@@ -230,6 +232,10 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
     specs = list(specs)
     cands = _candidates(specs, target)
     lat, en, missing = _layers(store, specs, cands, config, target, overhead_ms or 0.0, allow_emulated)
+    if context:
+        from .context import apply_deltas, kernel_deltas
+
+        lat = apply_deltas(lat, specs, cands, kernel_deltas(store, specs, edges, config))
     if overhead_ms is None and hasattr(target, "build_overhead"):
         missing.append(("<session overhead>", "fp32"))
     if missing:
@@ -256,14 +262,9 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
         warnings.warn(f"{n_missing} of {n_total} transition entries are not in the LUT (counted as 0 ms); "
                       "run `hwmpq profile` with transitions to measure them", stacklevel=2)
     meta = store.meta
-    table = LatencyTable(tuple(s.fqn for s in specs), cands, lat, en, tuple(transitions), float(overhead_ms or 0.0),
-                         target=target.id, device=str(meta.get("device", "")),
-                         emulated=str(meta.get("emulated", "")).lower() in ("1", "true"))
-    if not context:
-        return table
-    from .context import plain_and_context
-
-    return plain_and_context(table, store, specs, edges, config)[1]
+    return LatencyTable(tuple(s.fqn for s in specs), cands, lat, en, tuple(transitions), float(overhead_ms or 0.0),
+                        target=target.id, device=str(meta.get("device", "")),
+                        emulated=str(meta.get("emulated", "")).lower() in ("1", "true"))
 
 
 def edges_through_merges(model, example_input) -> list[Edge]:

@@ -26,7 +26,9 @@ from hwmpq.records import MeasureConfig, Measurement, Precision
 from .fingerprint import describe_difference
 
 SCHEMA_VERSION = 1
-KINDS = ("layer", "transition", "overhead", "model")  # model: a whole uniform plan (lut/context.py)
+# model: a whole uniform plan timed end to end (session 6's in-context factors; read, no longer written);
+# kernel: a layer's kernel inside a uniform plan of the model, or alone (lut/context.py)
+KINDS = ("layer", "transition", "overhead", "model", "kernel")
 
 _CONFIG_COLS = ("warmup", "number", "repeat", "min_repeat_ms", "threads", "timeout_s", "statistic")
 _KEY_COLS = ("device", "target", "kind", "signature", "w_bits", "a_bits", "src_w_bits", "src_a_bits",

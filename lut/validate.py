@@ -30,7 +30,7 @@ class PlanResult:
     error_pct: float | None = None  # (predicted - measured) / measured * 100
     error_msg: str | None = None
     speed_error_pct: float | None = None  # the same, the prediction scaled by the report's speed factor
-    predicted_context_ms: float | None = None  # with the experimental in-context factors (lut/context.py)
+    predicted_plain_ms: float | None = None  # rows + transitions alone, without the kernels in context
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,11 @@ class ValidationReport:
     speed_worst_pct: float | None = None
     speed_factors: dict[str, float] = field(default_factory=dict)
     speed_attempts: int = 1  # times the plans were timed until the machine was at speed (or gave up)
-    # the experimental in-context factors (lut/context.py: precision label -> alpha; {} without the
-    # uniform-plan rows of `hwmpq profile --context`) and the MAPE and worst error with them
-    context_factors: dict[str, float] = field(default_factory=dict)
-    context_mape_pct: float | None = None
-    context_worst_pct: float | None = None
+    # the kernels in context (lut/context.py): how many (layer, precision) deltas the prediction holds, and
+    # the MAPE and worst error without them (None when the LUT has no kernel rows)
+    context_deltas: int = 0
+    plain_mape_pct: float | None = None
+    plain_worst_pct: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -180,7 +180,7 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
 
     from hwmpq.graph import analyse
 
-    from .context import plain_and_context
+    from .context import kernel_deltas
     from .model import build_table, edges_through_merges, speed_rows
 
     if n_plans < 1:
@@ -192,7 +192,8 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
     specs, _ = analyse(model, example_input)
     edges = edges_through_merges(model, example_input)
     table = build_table(store, specs, edges, config, target, allow_foreign=allow_foreign)
-    factors, in_context = plain_and_context(table, store, specs, edges, config)
+    deltas = kernel_deltas(store, specs, edges, config)
+    plain = build_table(store, specs, edges, config, target, allow_foreign=allow_foreign, context=False) if deltas else None
     results = []
     plans = random_plans(table, n_plans, seed)
     probe_rows = speed_rows(store, config)
@@ -206,10 +207,10 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
         pct = None if quoted is None else (predicted - quoted) / quoted * 100
         spct = None if quoted is None or speed is None else (predicted * speed - quoted) / quoted * 100
         results.append(PlanResult({f: p.label for f, p in plan.layers}, predicted, quoted, p10, p90, pct, err, spct,
-                                  in_context.predict(plan)[0] if factors else None))
+                                  plain.predict(plan)[0] if plain is not None else None))
     errs = [abs(r.error_pct) for r in results if r.error_pct is not None]
-    ctx_errs = [abs(r.predicted_context_ms - r.measured_ms) / r.measured_ms * 100
-                for r in results if r.measured_ms is not None and r.predicted_context_ms is not None]
+    plain_errs = [abs(r.predicted_plain_ms - r.measured_ms) / r.measured_ms * 100
+                  for r in results if r.measured_ms is not None and r.predicted_plain_ms is not None]
     serrs = [abs(r.speed_error_pct) for r in results if r.speed_error_pct is not None]
     report = ValidationReport(
         target.id, model_name or type(model).__name__, asdict(config), tuple(results),
@@ -219,8 +220,7 @@ def validate(store, model: nn.Module, example_input: torch.Tensor, n_plans: int,
         + (() if probe_rows else ("no speed probe row in this LUT (profiled before they existed)",)),
         speed, sum(serrs) / len(serrs) if serrs else None, max(serrs) if serrs else None,
         check.factors if check else {}, check.attempts if check else 1,
-        {p.label: a for p, a in factors.items()}, sum(ctx_errs) / len(ctx_errs) if ctx_errs else None,
-        max(ctx_errs) if ctx_errs else None)
+        len(deltas), sum(plain_errs) / len(plain_errs) if plain_errs else None, max(plain_errs) if plain_errs else None)
     if json_out:
         atomic_write_text(json_out, json.dumps(report.as_dict(), indent=1) + "\n")
     return report
@@ -236,10 +236,9 @@ def format_report(report: ValidationReport) -> str:
     if report.mape_pct is not None:
         lines.append(f"MAPE {report.mape_pct:.1f}%  worst {report.worst_pct:.1f}%  ({len(report.plans)} plans, "
                      f"{report.target}, {report.config.get('threads')} thread(s))")
-    if report.context_factors and report.context_mape_pct is not None:
-        fac = ", ".join(f"{k} {1 + v:.3f}x" for k, v in report.context_factors.items())
-        lines.append(f"with the experimental in-context factors of the uniform plans ({fac}): "
-                     f"MAPE {report.context_mape_pct:.1f}%  worst {report.context_worst_pct:.1f}%")
+    if report.plain_mape_pct is not None:
+        lines.append(f"the prediction holds {report.context_deltas} kernels in context (lut/context.py); without "
+                     f"them: MAPE {report.plain_mape_pct:.1f}%  worst {report.plain_worst_pct:.1f}%")
     if report.speed_factor is not None:
         probes = ", ".join(f"{k} {v:.3f}x" for k, v in report.speed_factors.items())
         lines.append(f"speed probes against their LUT rows ({probes}; >1: slower now; timed "

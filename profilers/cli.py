@@ -64,8 +64,8 @@ def profile_command(
     timeout_s: Annotated[float, typer.Option(help="per-job run timeout (enforced by the target)")] = 60.0,
     transitions: Annotated[bool, typer.Option(help="also measure precision transitions")] = True,
     context: Annotated[bool, typer.Option(
-        help="also time the model's uniform plans end to end (targets that run whole models: ort-x86) for the "
-             "experimental in-context factors (lut/context.py; `lut validate` reports their error too)")] = False,
+        help="also time each layer's kernel inside the model's uniform plans and alone (targets that trace "
+             "kernels in whole models: ort-x86), which the latency model adds to the rows (lut/context.py)")] = True,
     retry_failed: Annotated[bool, typer.Option(help="measure again jobs recorded as failures")] = False,
     max_run_failures: Annotated[int, typer.Option(help="stop after this many run failures in a row (0: never)")] = 5,
     speed_tolerance: Annotated[float, typer.Option(
@@ -115,11 +115,10 @@ def profile_command(
                 from hwmpq.lut.context import profile_context
 
                 try:
-                    profile_context(net, x, specs, edges, tgt, store, config, speed_tolerance=speed_tolerance,
-                                    speed_retries=speed_retries, console=None if quiet else console)
+                    profile_context(net, x, specs, edges, tgt, store, config, console=None if quiet else console)
                 except KeyboardInterrupt:
-                    console.print("[yellow]interrupted[/] while timing the uniform plans: the layer rows are kept; "
-                                  "rerun the same command to time them")
+                    console.print("[yellow]interrupted[/] while timing the kernels in context: the layer rows and "
+                                  "the precisions finished are kept; rerun the same command for the rest")
                     raise typer.Exit(130) from None
         finally:
             cleanup = getattr(tgt, "cleanup", None)  # built artifacts of a backend (temp files)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--target", "ort-x86", "--model", "test_small", "--warmup", "5", "--repeat", "100", "--quiet"]
+ARGS = ["--target", "ort-x86", "--model", "test_small", "--warmup", "5", "--repeat", "100", "--no-context",
+        "--quiet"]  # the job loop's resume (the kernels in context resume by precision: test_context.py)
 KILL_AT_ROWS = 6
 
 

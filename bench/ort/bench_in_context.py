@@ -7,7 +7,7 @@ hits every variant alike:
 - the whole exported model (hwmpq export): its per-op-type kernel sums;
 - every layer alone (the LUT's layer row, targets/ort/layers.py: ``layer_model``): kernels and the
   NCHWc reorders an isolated fp32 row pays;
-- every layer alone followed by the activation on its output edge (``emit_activation``: what ORT fuses
+- every layer alone followed by the activation on its output edge (``layers.layer_model``: what ORT fuses
   into a float conv in the whole model, and what the pair chains include since session 5).
 
     python bench/ort/bench_in_context.py --model mobilenetv2 --precision fp32 --out D
@@ -32,16 +32,15 @@ import torch
 from hwmpq.lut.model import edges_through_merges
 from hwmpq.lut.validate import export_plan
 from hwmpq.targets.ort import layers
-from hwmpq.targets.ort.qdq import GraphParts
 from hwmpq.targets.ort.target import OrtTarget
-from hwmpq.targets.ort.timing import random_feeds, session_options
+from hwmpq.targets.ort.timing import KERNEL_OPS, random_feeds, session_options
 
 from hwmpq.graph import analyse
 from hwmpq.records import FP32, BitPlan, Precision, atomic_write_text
 from hwmpq.zoo import create_model
 from hwmpq.zoo.registry import default_input_shape
 
-KERNELS = ("Conv", "Gemm", "QLinearConv", "QGemm", "MatMulNBits", "FusedConv")
+KERNELS = KERNEL_OPS
 
 
 def node_times(path: str, runs: int, workdir: str) -> list[tuple[str, str, float]]:
@@ -61,18 +60,6 @@ def node_times(path: str, runs: int, workdir: str) -> list[tuple[str, str, float
             if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
                 per[(ev["name"][: -len("_kernel_time")], ev["args"].get("op_name", "?"))].append(ev["dur"])
     return [(n, op, float(np.percentile(v, 10)) / 1000) for (n, op), v in per.items()]
-
-
-def with_activation(spec, precision: Precision, activation: str) -> onnx.ModelProto:
-    """The layer row's graph with ``activation`` applied to its (float) output."""
-    parts = GraphParts()
-    y = layers.emit_random_layer(parts, spec, precision, "x", "y0", layers._rng(spec))
-    out = layers.emit_activation(parts, y, "act", activation)
-    if out == y:
-        parts.nodes.append(onnx.helper.make_node("Identity", [y], ["act_out"]))
-        out = "act_out"
-    return layers.make_model(parts, [layers._value_info("x", layers.io_elem(precision, False), spec.input_shape)],
-                             [layers._value_info(out, layers.io_elem(precision, True), spec.output_shape)], "row_act")
 
 
 def by_op(times) -> dict[str, float]:
@@ -107,7 +94,7 @@ def main() -> None:
             key = (s.signature, p.label, act_after.get(s.fqn, "none"))
             if key not in alone_act:
                 onnx.save(layers.layer_model(s, p), f"{tmp}/{len(alone)}.onnx")
-                onnx.save(with_activation(s, p, key[2]), f"{tmp}/{len(alone)}_act.onnx")
+                onnx.save(layers.layer_model(s, p, key[2]), f"{tmp}/{len(alone)}_act.onnx")
                 alone[key], alone_act[key] = f"{tmp}/{len(alone)}.onnx", f"{tmp}/{len(alone)}_act.onnx"
         keys = [(s.signature, dict(plan.layers)[s.fqn].label, act_after.get(s.fqn, "none")) for s in specs]
         for r in range(args.reps):

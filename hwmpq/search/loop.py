@@ -107,20 +107,25 @@ def load_table(cfg: LoopConfig, model: nn.Module, example_input: torch.Tensor, t
     specs, _ = analyse(model, example_input)
     edges = edges_through_merges(model, example_input)
     with LutStore.open(cfg.lut, target=target.id, device=target.device(), force=cfg.force_lut) as store:
+        if cfg.profile_missing:
+            from hwmpq.lut.context import profile_context
+            from hwmpq.profilers.runner import profile
+
+            # with the transition stand-ins: without them the table cannot price the layout changes a
+            # chain shares (an fp32 mobilenetv2_050 was over-predicted by 18%, uniform int8 under by 21%);
+            # a complete LUT measures nothing here
+            report = profile(profiling_specs(specs, edges, target), edges, target, store, measure,
+                             progress=cfg.progress)
+            if report.measured or report.failed:
+                _log(f"profiled {report.measured} missing entries into {cfg.lut} ({report.failed} failed)")
+            if profile_context(model, example_input, specs, edges, target, store, measure):
+                _log("timed the layers' kernels in the model's uniform plans and alone (lut/context.py)")
         try:
             return build_table(store, specs, edges, measure, target, allow_foreign=cfg.force_lut)
         except MissingEntriesError as e:
             layers = sorted({f for f, _ in e.missing})
-            if not cfg.profile_missing:
-                raise MissingEntriesError(e.missing, f"; layers without entries: {layers}. Or rerun with "
-                                          "--profile-missing to measure them now") from None
-            from hwmpq.profilers.runner import profile
-
-            _log(f"profiling {len(e.missing)} missing (layer, precision) entries into {cfg.lut}")
-            # with the transition stand-ins: without them the table cannot price the layout changes a
-            # chain shares (an fp32 mobilenetv2_050 was over-predicted by 18%, uniform int8 under by 21%)
-            profile(profiling_specs(specs, edges, target), edges, target, store, measure, progress=cfg.progress)
-            return build_table(store, specs, edges, measure, target, allow_foreign=cfg.force_lut)
+            raise MissingEntriesError(e.missing, f"; layers without entries: {layers}. Or rerun with "
+                                      "--profile-missing to measure them now") from None
 
 
 def restrict_candidates(table, labels: tuple[str, ...]):

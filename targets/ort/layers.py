@@ -149,12 +149,24 @@ def emit_glue(parts: GraphParts, src_q: str, out: str, src: Precision, dst: Prec
     return cur
 
 
-def layer_model(spec: LayerSpec, precision: Precision) -> onnx.ModelProto:
-    """The single-layer graph for ``spec`` at ``precision`` (see :func:`emit_random_layer` for I/O)."""
+def layer_model(spec: LayerSpec, precision: Precision, activation: str = "none",
+                merge: str = "none") -> onnx.ModelProto:
+    """The single-layer graph for ``spec`` at ``precision`` (see :func:`emit_random_layer` for I/O). On a
+    float output, optionally what follows the layer in a model: the residual add of a second float input
+    "r" (``merge`` "add") and ``activation``, which ORT fuses into a float conv; an integer layer's add and
+    activation sit in the glue after its DQ (the pair chains hold them), so they are not added to it."""
+    if merge not in ("none", "add"):
+        raise ValueError(f"a layer row cannot hold a {merge!r} merge (only a residual add)")
     parts = GraphParts()
-    emit_random_layer(parts, spec, precision, "x", "y", _rng(spec))
-    return make_model(parts, [_value_info("x", io_elem(precision, False), spec.input_shape)],
-                      [_value_info("y", io_elem(precision, True), spec.output_shape)],
+    inputs = [_value_info("x", io_elem(precision, False), spec.input_shape)]
+    y = emit_random_layer(parts, spec, precision, "x", "y", _rng(spec))
+    if precision.a_bits == 32:
+        if merge == "add":
+            inputs.append(_value_info("r", TensorProto.FLOAT, spec.output_shape))
+            parts.nodes.append(helper.make_node("Add", [y, "r"], ["y_sum"], name="y_Add"))
+            y = "y_sum"
+        y = emit_activation(parts, y, "y", activation)
+    return make_model(parts, inputs, [_value_info(y, io_elem(precision, True), spec.output_shape)],
                       f"{spec.kind}_{spec.signature}_{precision.label}")
 
 

@@ -139,6 +139,23 @@ class OrtTarget:
 
     times_whole_models = True  # whole models export and run in seconds: the profile times them (lut/context.py)
 
+    def kernel_samples(self, artifact: str, runs: int) -> list[tuple[str, tuple[int, ...], list[float]]]:
+        """(op, first input's shape, ms per run) of each layer-computing kernel of ``artifact``, in execution
+        order (ORT's node profiler; lut/context.py compares a layer's kernel in the whole model and alone)."""
+        from .timing import kernel_samples
+
+        return kernel_samples(artifact, self.threads, runs, str(self._dir()), self.exact_u8s8)
+
+    def build_layer_with_activation(self, spec: LayerSpec, precision: Precision, activation: str,
+                                    merge: str = "none") -> BuildResult:
+        """The layer row's graph followed, on a float output, by the residual add (``merge`` "add") and
+        ``activation`` of its output edge (targets/ort/layers.py: ``layer_model``)."""
+        try:
+            model = layers.layer_model(spec, precision, activation, merge)
+        except ValueError as e:
+            return BuildResult(None, str(e))
+        return self._save(model, f"{spec.kind}_{spec.signature}_{precision.label}_{merge}_{activation}")
+
     def build_overhead(self) -> BuildResult:
         return self._save(layers.overhead_model(), "overhead")
 

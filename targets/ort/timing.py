@@ -147,6 +147,47 @@ def time_model(model_path_or_bytes, config: MeasureConfig, feeds: dict[str, np.n
     return time_session(session, feeds, config, clock)
 
 
+# ORT's op names of the kernels that compute a layer (NCHWc float convs report "Conv")
+KERNEL_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "QLinearConv", "QGemm", "QLinearMatMul",
+              "MatMulNBits", "MatMulInteger", "ConvInteger")
+
+
+def kernel_samples(model_path: str, threads: int, runs: int, workdir: str, exact_u8s8: bool | None = None,
+                   ) -> list[tuple[str, tuple[int, ...], list[float]]]:
+    """(op name, shape of its first input, kernel ms of every run) per layer-computing node
+    (:data:`KERNEL_OPS`) of the model, in execution order, from ORT's own profiler
+    (``SessionOptions.enable_profiling``; microsecond resolution). The input shape is as ORT holds it
+    (NHWC for an integer conv after its layout transform). The trace file is written under ``workdir``
+    and removed."""
+    import json
+    import os
+
+    import onnxruntime as ort
+
+    so = session_options(threads, exact_u8s8=exact_u8s8)
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(workdir, "kernels")
+    session = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+    feeds = random_feeds(session)
+    for _ in range(runs):
+        session.run(None, feeds)
+    trace = session.end_profiling()
+    try:
+        with open(trace) as f:
+            events = json.load(f)
+    finally:
+        os.remove(trace)
+    per: dict[str, tuple[str, tuple[int, ...], list[float]]] = {}
+    for ev in events:
+        args = ev.get("args", {})
+        op = args.get("op_name")
+        if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time") and op in KERNEL_OPS:
+            inputs = args.get("input_type_shape") or [{}]
+            shape = tuple(int(d) for d in next(iter(inputs[0].values()), ()))
+            per.setdefault(ev["name"], (op, shape, []))[2].append(ev["dur"] / 1000)
+    return list(per.values())
+
+
 @dataclass(frozen=True)
 class Stats:
     median_ms: float
