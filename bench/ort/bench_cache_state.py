@@ -33,13 +33,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from bench_in_context import KERNELS
+from hwmpq.lut.context import uniform_plans
 from hwmpq.lut.validate import export_plan
 from hwmpq.targets.ort import layers
 from hwmpq.targets.ort.target import OrtTarget
 from hwmpq.targets.ort.timing import random_feeds, session_options
 
 from hwmpq.graph import analyse
-from hwmpq.records import FP32, BitPlan, Precision, atomic_write_text
+from hwmpq.records import FP32, Precision, atomic_write_text
 from hwmpq.zoo import create_model
 from hwmpq.zoo.registry import default_input_shape
 
@@ -89,7 +90,7 @@ def main() -> None:
     x = torch.randn(default_input_shape(args.model))
     specs, _ = analyse(model, x)
     target = OrtTarget(threads=1)
-    plan = BitPlan.from_dict({s.fqn: precision if precision in target.precisions.for_layer(s) else FP32 for s in specs})
+    plan = uniform_plans(specs, target)[precision]
     tmp = tempfile.mkdtemp(prefix="hwmpq-cache-state-")
     whole = export_plan(target, model, plan, x, f"{tmp}/whole").artifact
     filler, filler_feeds = session(whole)
