@@ -16,8 +16,9 @@ kernels in whole models: ort-x86): for every candidate precision p, the model's 
 where p is not allowed) is exported and run with the node profiler on. Each layer also runs alone with
 the profiler on, as its layer row plus, on a float output, the residual add and activation of its
 output edge (what ORT fuses into a float conv in the whole model, and what the pair chains already
-price). ``rounds`` rounds alternate the whole model and the layers, so a slow spell of the machine hits
-both alike. The model's layer-computing kernels are matched to its layers by input shape and time
+price). ``rounds`` rounds (6 of 30 runs by default) alternate the whole model and the layers, so a slow
+spell of the machine hits both alike (three repeated measurements on mobilenetv2, bench/ort/README.md
+"Session 7": the summed w4a8 delta spread 0.47-0.54 ms with 6 x 30, 0.16-0.54 with 3 x 60). The model's layer-computing kernels are matched to its layers by input shape and time
 (:func:`match_kernels`; ORT does not run them in the model's call order); a plan whose kernels cannot be
 matched is skipped, with a warning. Stored: two "kernel" rows per (layer, p), its kernel in
 the model and alone (:func:`kernel_signature`; median, p10 and p90 over all runs).
@@ -134,7 +135,7 @@ def match_kernels(specs: Sequence[LayerSpec], shapes: Sequence[tuple[int, ...]],
 
 
 def profile_context(model, example_input, specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store,
-                    config: MeasureConfig, *, rounds: int = 3, runs: int = 60, console=None) -> int:
+                    config: MeasureConfig, *, rounds: int = 6, runs: int = 30, console=None) -> int:
     """Time every layer's kernel in the uniform plans the store lacks and alone (see the module doc).
     Only on targets that trace kernels in whole models (``kernel_samples``). Each precision's rows are
     committed together when its rounds end: an interrupt keeps the precisions finished before it.
