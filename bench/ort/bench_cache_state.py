@@ -32,12 +32,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from bench_in_context import KERNELS
 from hwmpq.lut.context import uniform_plans
 from hwmpq.lut.validate import export_plan
 from hwmpq.targets.ort import layers
 from hwmpq.targets.ort.target import OrtTarget
-from hwmpq.targets.ort.timing import random_feeds, session_options
+from hwmpq.targets.ort.timing import random_feeds, read_kernel_trace, session_options
 
 from hwmpq.graph import analyse
 from hwmpq.records import FP32, Precision, atomic_write_text
@@ -58,12 +57,7 @@ def session(path_or_bytes, workdir: str | None = None):
 
 def kernel_ms(s) -> list[float]:
     """Median kernel time per kernel node (execution order) from a profiling session's trace."""
-    per: dict[str, list[float]] = collections.defaultdict(list)
-    with open(s.end_profiling()) as f:
-        for ev in json.load(f):
-            if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time") and ev["args"].get("op_name") in KERNELS:
-                per[ev["name"]].append(ev["dur"])
-    return [float(np.median(v)) / 1000 for v in per.values()]
+    return [float(np.median(ms)) for _, _, ms in read_kernel_trace(s.end_profiling())]
 
 
 def sibling(spec, precision):

@@ -159,7 +159,6 @@ def kernel_samples(model_path: str, threads: int, runs: int, workdir: str, exact
     (``SessionOptions.enable_profiling``; microsecond resolution). The input shape is as ORT holds it
     (NHWC for an integer conv after its layout transform). The trace file is written under ``workdir``
     and removed."""
-    import json
     import os
 
     import onnxruntime as ort
@@ -173,10 +172,18 @@ def kernel_samples(model_path: str, threads: int, runs: int, workdir: str, exact
         session.run(None, feeds)
     trace = session.end_profiling()
     try:
-        with open(trace) as f:
-            events = json.load(f)
+        return read_kernel_trace(trace)
     finally:
         os.remove(trace)
+
+
+def read_kernel_trace(path: str) -> list[tuple[str, tuple[int, ...], list[float]]]:
+    """(op name, shape of its first input, kernel ms of every run) per layer-computing node of an ORT
+    profiling trace (:func:`kernel_samples`), in execution order."""
+    import json
+
+    with open(path) as f:
+        events = json.load(f)
     per: dict[str, tuple[str, tuple[int, ...], list[float]]] = {}
     for ev in events:
         args = ev.get("args", {})
