@@ -8,12 +8,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 MODEL_HELP = "zoo name (see `hwmpq zoo list`) or path/to/file.py:factory"
 SHAPE_HELP = "input shape N,C,H,W (default: the zoo model's own; required for a file model)"
+DATA_HELP = ("fashion-mnist | digits | an image folder (DIR/<class>/*.png, or DIR/*.png unlabelled) | "
+             "FILE.npz (x, y) | path/to/file.py:factory (returning torch Datasets)")
+
+# The options that shape the user's data, declared once for every command taking --data (see data_options)
+ImageSizeOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--image-size", help="image folder: resize (shorter side, then centre crop) to N or H,W pixels (default 224)")]
+MeanOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--mean", help="per-channel mean to subtract, 0.5 or 0.485,0.456,0.406 (image folder default: ImageNet's; "
+    ".npz: none)")]
+StdOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045
+    "--std", help="per-channel std to divide by (image folder default: ImageNet's 0.229,0.224,0.225; .npz: none)")]
+ChannelsOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
+    "--channels", help="image folder: convert every image to 1 (grayscale) or 3 (RGB) channels (default: as the "
+    "files are; a mix must be converted)")]
+
+
+def data_options(image_size: str | None, mean: str | None, std: str | None, channels: int | None) -> dict:
+    """``load_data`` keyword arguments from the --image-size/--mean/--std/--channels text."""
+    from .data import parse_floats, parse_image_size
+
+    return {"image_size": parse_image_size(image_size), "mean": parse_floats(mean, "--mean"),
+            "std": parse_floats(std, "--std"), "channels": channels}
 
 
 def _fail(msg: str) -> None:
@@ -96,24 +118,6 @@ def graph(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
         atomic_write_text(json_out, to_json(specs) + "\n")
 
 
-def _limit(splits, n: int | None):
-    """The first ``n`` training images, n // 5 validation and n test images (quick runs)."""
-    import dataclasses
-
-    from torch.utils.data import TensorDataset
-
-    if n is None:
-        return splits
-    if n < 1:
-        raise ValueError(f"--limit must be >= 1, got {n}")
-
-    def head(ds: TensorDataset, k: int) -> TensorDataset:
-        return TensorDataset(*(t[:k] for t in ds.tensors))
-
-    return dataclasses.replace(splits, train=head(splits.train, n), val=head(splits.val, max(1, n // 5)),
-                               test=head(splits.test, n))
-
-
 def _load_plan_for(model, example, plan_path: Path):
     """The plan in ``plan_path``, checked against the model's quantizable layers (errors name the file)."""
     from .graph import fqns, layer_graph
@@ -145,7 +149,7 @@ def _summary(out: Path, args: dict, result, test_acc: float, wall_s: float) -> d
 
 
 def train(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-          data: str = typer.Option(..., "--data", help="fashion-mnist | digits"),
+          data: str = typer.Option(..., "--data", help=DATA_HELP),
           epochs: int = typer.Option(..., "--epochs", help="total epochs (a resumed run counts the done ones)"),
           out: Path = typer.Option(..., "--out", help="checkpoint, rewritten atomically after every epoch; "
                                    "a summary goes to the same name with .json"),
@@ -162,7 +166,13 @@ def train(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
           rho: float = typer.Option(0.05, "--rho", help="SAM neighbourhood radius"),
           stat_assist: bool = typer.Option(False, "--stat-assist", help="FrostNet StatAssist"),
           grad_boost: bool = typer.Option(False, "--grad-boost", help="FrostNet GradBoost gradient noise"),
+          placement: str = typer.Option("tensor", "--placement", help="where QAT puts activation quantizers: "
+                                        "'tensor' (one per tensor, for ort-x86) or 'layer' (per layer, for tvm:*)"),
           progress: bool = typer.Option(True, "--progress/--no-progress"),
+          image_size: ImageSizeOpt = None,
+          mean: MeanOpt = None,
+          std: StdOpt = None,
+          channels: ChannelsOpt = None,
           ) -> None:
     """Train a model (float), or QAT fine-tune it with --qat --plan; prints val/test accuracy."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
@@ -187,15 +197,19 @@ def _train(a: dict, lr: float) -> dict:
 
     import torch
 
-    from .data import load_dataset
+    from .data import load_data, require_labels
     from .modelspec import load_model
+    from .search.base import check_channels
     from .train import evaluate, fit, prepare_qat, save_weights
 
     t0 = time.perf_counter()
-    splits = _limit(load_dataset(a["data"], seed=a["seed"]), a["limit"])
+    splits = load_data(a["data"], seed=a["seed"], limit=a["limit"],
+                       **data_options(a["image_size"], a["mean"], a["std"], a["channels"]))
+    require_labels(splits, "training")
     torch.manual_seed(a["seed"])  # the initial weights too: two runs of one command give the same model
     model = load_model(a["model"], num_classes=splits.num_classes, in_chans=splits.input_shape[0],
                        weights=a["weights"])
+    check_channels(model, splits.input_shape)  # a file model has its own channel count
     fit_kw = dict(epochs=a["epochs"], lr=lr, batch_size=a["batch_size"], seed=a["seed"], progress=a["progress"])
     hooks = {}
     if a["qat"]:
@@ -207,8 +221,8 @@ def _train(a: dict, lr: float) -> dict:
             if not (a["resume"] and Path(a["out"]).is_file()):  # a resumed QAT run has had its warm-up
                 stat_assist(model, splits, options, **fit_kw)
             hooks = fit_hooks(options, model)
-        prepare_qat(model, plan, splits, batch_size=a["batch_size"], seed=a["seed"],
-                    calibration_batches=4 if a["stat_assist"] else 1)
+        model = prepare_qat(model, plan, splits, batch_size=a["batch_size"], seed=a["seed"],
+                            calibration_batches=4 if a["stat_assist"] else 1, placement=a["placement"])
     result = fit(model, splits, checkpoint=a["out"], resume=a["resume"], **fit_kw, **hooks)
     test_acc = evaluate(model, splits.loader("test", batch_size=512))
     if a["save_weights"]:

@@ -60,9 +60,9 @@ def fit_hooks(options: QATOptions, model: nn.Module | None = None) -> dict[str, 
 
 
 def stat_assist(model: nn.Module, splits, options: QATOptions, **fit_kwargs):
-    """StatAssist's float warm-up, before ``quantize_``: trains the float ``model`` in place for
+    """StatAssist's float warm-up, before quantization: trains the float ``model`` in place for
     ``options.stat_assist_epochs`` with fit's keywords (lr, batch_size, seed, limit_batches, ...; checkpoint
-    and resume ignored). QAT then starts from these weights and BatchNorm statistics (folded by quantize_).
+    and resume ignored). QAT then starts from these weights and BatchNorm statistics (folded when quantized).
     No-op (returns None) unless ``options.stat_assist``; otherwise returns the warm-up's TrainResult."""
     if not options.stat_assist:
         return None
@@ -72,7 +72,7 @@ def stat_assist(model: nn.Module, splits, options: QATOptions, **fit_kwargs):
 
 
 def run_qat(model: nn.Module, plan: BitPlan, splits, options: QATOptions, *, calibration_batches: int = 1,
-            **fit_kwargs):
+            placement: str = "tensor", **fit_kwargs):
     """StatAssist (if on) -> quantize + calibrate -> fit with SAM/GradBoost hooks. Returns (model, TrainResult).
 
     With StatAssist the quantizers are calibrated on at least 4 batches of the warmed-up model's activations."""
@@ -80,7 +80,7 @@ def run_qat(model: nn.Module, plan: BitPlan, splits, options: QATOptions, *, cal
 
     stat_assist(model, splits, options, **fit_kwargs)
     n_cal = max(calibration_batches, 4) if options.stat_assist else calibration_batches
-    prepare_qat(model, plan, splits, calibration_batches=n_cal, batch_size=fit_kwargs.get("batch_size", 128),
-                seed=fit_kwargs.get("seed", 0))
+    model = prepare_qat(model, plan, splits, calibration_batches=n_cal, batch_size=fit_kwargs.get("batch_size", 128),
+                        seed=fit_kwargs.get("seed", 0), placement=placement)
     result = fit(model, splits, **fit_kwargs, **fit_hooks(options, model))
     return model, result

@@ -306,23 +306,26 @@ def calibration_batch(splits, n_batches: int = 1, batch_size: int = 128, seed: i
     return torch.cat(xs)
 
 
-def qat(model: nn.Module, plan: BitPlan, splits, *, calibration_batches: int = 1, **fit_kwargs) -> nn.Module:
-    """Quantize ``model`` in place by ``plan`` (BatchNorm folded), calibrate its quantizers on training
-    batches, then fine-tune with :func:`fit` (same keywords). Returns the quantized model; its state_dict
-    (what checkpoints and :func:`save_weights` hold) includes the learned quantizer scales."""
-    prepare_qat(model, plan, splits, calibration_batches=calibration_batches,
-                batch_size=fit_kwargs.get("batch_size", 128), seed=fit_kwargs.get("seed", 0))
+def qat(model: nn.Module, plan: BitPlan, splits, *, calibration_batches: int = 1, placement: str = "tensor",
+        **fit_kwargs) -> nn.Module:
+    """Quantize ``model`` by ``plan`` (BatchNorm folded; ``placement`` as in :func:`hwmpq.qmodules.quantize`),
+    calibrate its quantizers on training batches, then fine-tune with :func:`fit` (same keywords). Returns
+    the quantized model (use it, not ``model``); its state_dict (what checkpoints and :func:`save_weights`
+    hold) includes the learned quantizer scales."""
+    model = prepare_qat(model, plan, splits, calibration_batches=calibration_batches, placement=placement,
+                        batch_size=fit_kwargs.get("batch_size", 128), seed=fit_kwargs.get("seed", 0))
     fit(model, splits, **fit_kwargs)
     return model
 
 
 def prepare_qat(model: nn.Module, plan: BitPlan, splits, *, calibration_batches: int = 1, batch_size: int = 128,
-                seed: int = 0) -> nn.Module:
-    """The first half of :func:`qat`: ``quantize_`` (folds BatchNorm) and calibrate, no training."""
-    from .qmodules import calibrate, quantize_
+                seed: int = 0, placement: str = "tensor") -> nn.Module:
+    """The first half of :func:`qat`: ``quantize`` (folds BatchNorm) and calibrate, no training. Returns
+    the quantized model."""
+    from .qmodules import calibrate, quantize
 
     if calibration_batches < 1:
         raise ValueError(f"calibration_batches must be >= 1, got {calibration_batches}")
-    quantize_(model, plan)
+    model = quantize(model, plan, placement=placement)
     calibrate(model, [calibration_batch(splits, calibration_batches, batch_size, seed)])
     return model

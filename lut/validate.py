@@ -71,10 +71,10 @@ def random_plans(table, n: int, seed: int) -> list[BitPlan]:
     return plans
 
 
-def _calibrated(model: nn.Module, plan: BitPlan, example_input: torch.Tensor) -> nn.Module:
-    from hwmpq.qmodules import calibrate, quantize_
+def _calibrated(model: nn.Module, plan: BitPlan, example_input: torch.Tensor, placement: str) -> nn.Module:
+    from hwmpq.qmodules import calibrate, quantize
 
-    q = quantize_(copy.deepcopy(model).eval(), plan)
+    q = quantize(copy.deepcopy(model).eval(), plan, placement=placement)
     g = torch.Generator().manual_seed(0)
     batch = example_input.repeat(4, *([1] * (example_input.dim() - 1)))
     batch = batch + 0.1 * torch.randn(batch.shape, generator=g)
@@ -86,7 +86,7 @@ def export_plan(target, model: nn.Module, plan: BitPlan, example_input: torch.Te
     """Export one plan; the exporter's "not an integer kernel" warnings are expected here (int16, int4)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return target.export(_calibrated(model, plan, example_input), plan, example_input, out_dir)
+        return target.export(_calibrated(model, plan, example_input, target.placement), plan, example_input, out_dir)
 
 
 def measure_interleaved(target, exports: list, config: MeasureConfig) -> list[tuple]:

@@ -59,6 +59,7 @@ class Target(Protocol):
 
     id: str  # e.g. "ort-x86", "tvm:arm-a72", "fake"
     precisions: TargetPrecisions
+    placement: str  # where its exporter wants activation quantizers: "tensor" or "layer" (hwmpq/qmodules.py)
 
     def device(self) -> DeviceInfo: ...
 

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from hwmpq.cli_core import DATA_HELP, ChannelsOpt, ImageSizeOpt, MeanOpt, StdOpt, data_options
+
 
 def _fail(msg: str) -> typer.Exit:
     typer.echo(f"error: {msg}", err=True)
@@ -14,19 +16,21 @@ def _fail(msg: str) -> typer.Exit:
 
 
 def _is_quantized_state(state: dict) -> bool:
-    return any(k.endswith((".w_quant.scale", ".in_quant.scale", ".out_quant.scale")) for k in state)
+    return any(k.endswith((".w_quant.scale", ".in_quant.scale", ".out_quant.scale")) or k.startswith("tensor_quant.")
+               for k in state)
 
 
 def load_for_export(model: str, weights: str | None, plan, input_shape: str | None, data: str | None,
-                    target=None):
+                    target=None, data_kw: dict | None = None):
     """(quantized model, example input, specs, notes). A quantized state dict (with quantizer scales) loads
-    after ``quantize_``; a float checkpoint loads before it, and then the quantizers are calibrated on
-    ``data`` with a printed warning (never silently)."""
+    after quantization (in the target's placement); a float checkpoint loads before it, and then the quantizers are calibrated on
+    ``data`` (``load_data`` with ``data_kw``; an image folder defaults to the model's input size) with a
+    printed warning (never silently)."""
     import torch
 
     from hwmpq.graph import analyse
     from hwmpq.modelspec import ModelLoadError, default_shape, load_model, parse_input_shape
-    from hwmpq.qmodules import calibrate, quantize_
+    from hwmpq.qmodules import calibrate, quantize
 
     shape = parse_input_shape(input_shape) or default_shape(model)
     if shape is None:
@@ -42,8 +46,9 @@ def load_for_export(model: str, weights: str | None, plan, input_shape: str | No
         state = torch.load(weights, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]
+    placement = target.placement if target is not None else "tensor"
     if state is not None and _is_quantized_state(state):
-        quantize_(net, plan)
+        net = quantize(net, plan, placement=placement)
         try:
             net.load_state_dict(state)
         except RuntimeError as e:
@@ -54,18 +59,24 @@ def load_for_export(model: str, weights: str | None, plan, input_shape: str | No
             net.load_state_dict(state)
         except RuntimeError as e:
             raise ModelLoadError(f"--weights {weights} does not fit {model}: {e}") from e
-    quantize_(net, plan)
+    net = quantize(net, plan, placement=placement)
     if data is None:
         raise ValueError("the weights hold no trained quantizer scales (a float checkpoint or none): give "
-                         "--data fashion-mnist|digits to calibrate them, or --weights of a QAT-trained model")
-    from hwmpq.data import load_dataset
+                         "--data (a dataset name, an image folder, a .npz or file.py:factory) to calibrate "
+                         "them, or --weights of a QAT-trained model")
+    from hwmpq.data import check_input_shape, is_image_folder, load_data
     from hwmpq.train import calibration_batch
 
+    kw = dict(data_kw or {})
+    if kw.get("image_size") is None and is_image_folder(data):
+        kw["image_size"] = tuple(shape[2:])
+    splits = load_data(data, **kw)
+    check_input_shape(splits, shape)
     msg = (f"WARNING: {'no weights given' if not weights else f'{weights} is a float checkpoint'}; calibrating "
            f"the quantizers on one batch of {data} (post-training, no QAT): accuracy may be lower than a trained plan")
     typer.echo(msg, err=True)
     notes.append(msg)
-    calibrate(net, [calibration_batch(load_dataset(data), 1)])
+    calibrate(net, [calibration_batch(splits, 1)])
     return net.eval(), x, specs, notes
 
 
@@ -95,12 +106,16 @@ def export_command(
     target: Annotated[str, typer.Option(help="target id")] = "ort-x86",
     weights: Annotated[str | None, typer.Option(help="state dict: quantized (with scales) or float")] = None,
     input_shape: Annotated[str | None, typer.Option(help="N,C,H,W (default: the zoo model's)")] = None,
-    data: Annotated[str | None, typer.Option(help="fashion-mnist|digits: calibrate a float checkpoint")] = None,
+    data: Annotated[str | None, typer.Option(help=f"calibrate a float checkpoint on: {DATA_HELP}")] = None,
     threads: Annotated[int, typer.Option(help="intra-op threads of the optimized model")] = 1,
     lut: Annotated[str | None, typer.Option(help="LUT of this device: puts the predicted latency in the manifest")] = None,
     rpc: Annotated[str | None, typer.Option(help="tvm: HOST:PORT of the board's RPC server (verification run)")] = None,
     tracker: Annotated[str | None, typer.Option(help="tvm: HOST:PORT of an RPC tracker (with --key)")] = None,
     key: Annotated[str | None, typer.Option(help="tvm: device key at the tracker")] = None,
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    channels: ChannelsOpt = None,
 ) -> None:
     """Write the deployable artifact into OUT with manifest.json: for ort-x86 model.onnx (QDQ with the
     trained scales) and model.opt.onnx; for tvm:PRESET model.so (cross-compiled for the board), verified
@@ -121,7 +136,8 @@ def export_command(
             raise ValueError(f"target {target!r} has no exporter")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net, x, specs, notes = load_for_export(model, weights, bit_plan, input_shape, data, tgt)
+            net, x, specs, notes = load_for_export(model, weights, bit_plan, input_shape, data, tgt,
+                                                   data_options(image_size, mean, std, channels))
         extra = {"model": model, "weights": weights, "notes": notes}
         if lut:
             extra.update(predict_with_lut(lut, tgt, model, x, specs, bit_plan))

@@ -17,6 +17,7 @@ _PRECISIONS = (FP32, Precision(8, 8), Precision(4, 8), Precision(4, 4), Precisio
 class FakeTarget:
     id = "fake"
     precisions = TargetPrecisions(conv=_PRECISIONS, dwconv=_PRECISIONS, linear=_PRECISIONS)
+    placement = "tensor"
 
     def __init__(self, threads: int = 1) -> None:
         self.threads = threads  # accepted like a real target's; the fake latency does not depend on it

@@ -15,7 +15,7 @@ from hwmpq.targets.ort.timing import make_session
 
 from hwmpq.data import load_digits
 from hwmpq.graph import analyse
-from hwmpq.qmodules import calibrate, quantize_
+from hwmpq.qmodules import calibrate, quantize, quantize_
 from hwmpq.records import FP32, BitPlan, Precision, RecordError, from_jsonable, save_plan
 from hwmpq.zoo import create_model
 
@@ -45,7 +45,7 @@ def trained(digits):
 def quantized(model, plan, digits):
     import copy
 
-    q = quantize_(copy.deepcopy(model), plan)
+    q = quantize(copy.deepcopy(model), plan)
     calibrate(q, [digits.train.tensors[0][:256]])
     return q.eval()
 
@@ -78,7 +78,7 @@ def test_mixed_plan_exports_integer_kernels_and_agrees_with_torch(trained, digit
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert from_jsonable(manifest["plan"]) == plan
     assert manifest["integer_layers"] == list(result.integer_layers)
-    assert manifest["versions"]["onnxruntime"] and "conv1" in manifest["scales"]
+    assert manifest["versions"]["onnxruntime"] and "conv1" in manifest["layer_scales"]
 
 
 def test_layers_ort_cannot_make_integer_stay_float_with_a_warning(trained, digits, tmp_path):
@@ -109,9 +109,13 @@ def test_bad_plans_are_refused_before_any_work(trained, digits, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     import copy
 
-    uncalibrated = quantize_(copy.deepcopy(trained), good)
+    uncalibrated = quantize(copy.deepcopy(trained), good)
     with pytest.raises(ExportError, match="not calibrated"):
         target.export(uncalibrated, good, x0, str(tmp_path / "c"))
+    per_layer = quantized_per_layer = quantize_(copy.deepcopy(trained), good)
+    calibrate(quantized_per_layer, [digits.train.tensors[0][:64]])
+    with pytest.raises(ExportError, match="placed per layer"):
+        target.export(per_layer, good, x0, str(tmp_path / "d"))
 
 
 @pytest.mark.slow

@@ -107,7 +107,8 @@ def test_transitions_and_overhead_build_and_run(target, tmp_path):
 
 def test_a_pair_chain_computes_its_two_layers_in_sequence(target, tmp_path):
     """The fp32 chain of two real layers is layer(src) -> activation -> layer(dst) with the same seeded
-    weights as their own layer rows; integer chains keep both integer kernels; layers that do not chain are refused."""
+    weights as their own layer rows; integer chains are one integer stream (no Q/DQ between the kernels,
+    a residual add as QLinearAdd) as the exporter emits them; layers that do not chain are refused."""
     expand = LayerSpec("e", "conv", 8, 32, (1, 1), in_hw=(6, 6), out_hw=(6, 6), bias=False)
     dw = LayerSpec("d", "dwconv", 32, 32, (3, 3), padding=(1, 1), groups=32, in_hw=(6, 6), out_hw=(6, 6), bias=False)
     x = np.random.default_rng(0).standard_normal(expand.input_shape).astype(np.float32)
@@ -119,14 +120,15 @@ def test_a_pair_chain_computes_its_two_layers_in_sequence(target, tmp_path):
         want = second.run(None, {"x": glue.astype(np.float32)})[0]
         chain = make_session(layers.chain_model(expand, FP32, dw, FP32, activation).SerializeToString(), 1)
         np.testing.assert_allclose(chain.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-4, err_msg=activation)
-    assert optimized_ops(layers.chain_model(expand, W8A8, dw, W8A8), tmp_path)["QLinearConv"] == 2
+    ops = optimized_ops(layers.chain_model(expand, W8A8, dw, W8A8), tmp_path)
+    assert ops["QLinearConv"] == 2 and "QuantizeLinear" not in ops, ops  # the codes flow on (one quantizer)
     # through a residual add: layer(src) + r -> activation -> layer(dst), r a second (float) input
     r = np.random.default_rng(1).standard_normal(y.shape).astype(np.float32)
     want = second.run(None, {"x": np.maximum(y + r, 0)})[0]
     chain = make_session(layers.chain_model(expand, FP32, dw, FP32, "relu", "add").SerializeToString(), 1)
     np.testing.assert_allclose(chain.run(None, {"x": x, "r": r})[0], want, rtol=1e-4, atol=1e-4)
     ops = optimized_ops(layers.chain_model(expand, W8A8, dw, W8A8, "relu", "add"), tmp_path)
-    assert ops["QLinearConv"] == 2 and ops["Add"] == 1, ops  # the add stays a float op between integer layers
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and "Add" not in ops, ops  # an integer residual add
     assert target.run(target.build_pair(expand, W8A8, dw, FP32, "relu6", "add"), FAST).error_msg is None
     assert "only a residual add" in target.build_pair(expand, FP32, dw, FP32, "relu", "concat").error_msg
     for a, b in [(FP32, W8A8), (W8A8, FP32), (Precision(16, 16), Precision(4, 8))]:

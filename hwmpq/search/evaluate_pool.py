@@ -3,7 +3,7 @@ local process pool (default) or on a Ray cluster (``ray_address``).
 
 A job is a plain tuple of candidate indices (one per layer); the context it needs (float model,
 calibration batch, validation slice, candidate list) is shipped once per worker, not once per job.
-The proxy: copy the float model, ``quantize_`` it with the plan, calibrate the quantizers on a few
+The proxy: copy the float model, ``quantize`` it with the plan, calibrate the quantizers on a few
 training batches (no training), and measure top-1 accuracy on a held-out validation slice.
 """
 
@@ -76,10 +76,10 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 def evaluate_plan(ctx: EvalContext, job: Job) -> float:
     """Accuracy proxy of the plan choosing ``ctx.candidates[job[l]]`` for layer ``ctx.fqns[l]``."""
-    from hwmpq.qmodules import calibrate, quantize_
+    from hwmpq.qmodules import calibrate, quantize
 
     plan = BitPlan(tuple((f, ctx.candidates[int(i)]) for f, i in zip(ctx.fqns, job, strict=True)))
-    model = quantize_(copy.deepcopy(ctx.model), plan)
+    model = quantize(copy.deepcopy(ctx.model), plan)
     calibrate(model, [ctx.calib_x])
     return accuracy(model, ctx.val_x, ctx.val_y, ctx.batch_size)
 

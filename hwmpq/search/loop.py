@@ -217,16 +217,19 @@ def _fit_hooks(cfg: LoopConfig, model: nn.Module) -> dict:
 
 def fine_tune(ctx: Context, cfg: LoopConfig, result: SearchResult) -> nn.Module:
     """QAT of the plan, starting from the search's weights and quantizer scales when it has them."""
-    from hwmpq.qmodules import quant_layers
+    from hwmpq.qmodules import float_view, placement_of
     from hwmpq.train import fit, prepare_qat
 
     plan = result.plan
     wants_quant = any(not p.is_float for _, p in plan.layers)
-    if result.model is not None and (quant_layers(result.model) or not wants_quant):
-        model = result.model  # already quantized by the plan, with the search's scales
-    else:  # no model, or float weights from the strategy: quantize and calibrate them
-        model = copy.deepcopy(result.model if result.model is not None else ctx.model)
-        prepare_qat(model, plan, ctx.splits, batch_size=cfg.batch_size, seed=cfg.seed)
+    placement = ctx.target.placement
+    found = placement_of(result.model) if result.model is not None else None
+    if result.model is not None and (found == placement or not wants_quant):
+        model = result.model  # already quantized by the plan as the target wants, with the search's scales
+    else:  # no model, float weights, or the supernet's per-layer quantizers: quantize and calibrate
+        start = result.model if result.model is not None else ctx.model
+        model = float_view(start) if found is not None else copy.deepcopy(start)
+        model = prepare_qat(model, plan, ctx.splits, batch_size=cfg.batch_size, seed=cfg.seed, placement=placement)
     if all(p == FP32 for _, p in plan.layers) or cfg.finetune_epochs < 1:
         return model.eval()
     fit(model, ctx.splits, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size, seed=cfg.seed,

@@ -132,17 +132,49 @@ def emit_activation(parts: GraphParts, src: str, out: str, activation: str) -> s
     return y
 
 
+# activations the tensor quantizer after them absorbs exactly (hwmpq/placement.py)
+ABSORBED = ("none", "relu", "relu6")
+
+
+def integer_stream(src: Precision, dst: Precision) -> bool:
+    """Whether the exporter hands ``src``'s output codes to ``dst`` as they are (one tensor quantizer,
+    shared): both integer at one width of 8 bits or fewer."""
+    return src.a_bits == dst.a_bits <= 8
+
+
+def residual_is_integer(src: Precision) -> bool:
+    """Whether a residual add after a layer at ``src`` runs as QLinearAdd (its other input taken to be in
+    the same stream: quantized at the same width)."""
+    return src.a_bits <= 8
+
+
 def emit_glue(parts: GraphParts, src_q: str, out: str, src: Precision, dst: Precision,
               activation: str = "relu", residual: str | None = None) -> str:
-    """What the exporter puts between two layers: DQ of the producer's signed codes (if integer), the add
-    of the float ``residual`` branch (if any: a residual add, whose other input the exporter also holds
-    in float), the activation, Q to the consumer's unsigned codes (if integer)."""
+    """What the tensor-placement exporter (targets/ort/export.py) puts between two layers:
+
+    - an integer stream (:func:`integer_stream`) with an absorbed activation: nothing, the codes flow on;
+      with a residual add: ``DQ, DQ -> Add -> Q`` (QLinearAdd, ``residual`` holding integer codes);
+    - otherwise: DQ of the producer's codes (if integer), the add of ``residual`` (float, or DQ of its
+      codes when :func:`residual_is_integer`) and then Q when the add is integer, the activation, and Q
+      to the consumer's codes (if integer)."""
+    int_add = residual is not None and residual_is_integer(src)
+    if integer_stream(src, dst) and activation in ABSORBED:
+        if residual is None:
+            return src_q
+        a = parts.dequantize_act(src_q, f"{out}_dq", _OUT_SCALE, src.a_bits, True)
+        r = parts.dequantize_act(residual, f"{out}_rdq", _IN_SCALE, src.a_bits, False)
+        parts.nodes.append(helper.make_node("Add", [a, r], [f"{out}_sum"], name=f"{out}_Add"))
+        return parts.quantize_act(f"{out}_sum", f"{out}_q", _IN_SCALE, dst.a_bits, False)
     cur = src_q
     if src.a_bits < 32:
-        cur = parts.dequantize_act(cur, f"{out}_dq", _OUT_SCALE, src.a_bits, True, u8_carrier=True)
+        cur = parts.dequantize_act(cur, f"{out}_dq", _OUT_SCALE, src.a_bits, True)
     if residual is not None:
-        parts.nodes.append(helper.make_node("Add", [cur, residual], [f"{out}_sum"], name=f"{out}_Add"))
+        r = parts.dequantize_act(residual, f"{out}_rdq", _IN_SCALE, src.a_bits, False) if int_add else residual
+        parts.nodes.append(helper.make_node("Add", [cur, r], [f"{out}_sum"], name=f"{out}_Add"))
         cur = f"{out}_sum"
+        if int_add:  # the add's own output quantizer, then the float stretch from its codes
+            cur = parts.quantize_act(cur, f"{out}_sq", _IN_SCALE, src.a_bits, False)
+            cur = parts.dequantize_act(cur, f"{out}_sdq", _IN_SCALE, src.a_bits, False)
     cur = emit_activation(parts, cur, out, activation)
     if dst.a_bits < 32:
         cur = parts.quantize_act(cur, f"{out}_q", _IN_SCALE, dst.a_bits, False)
@@ -184,10 +216,11 @@ def stand_in_spec(shape: tuple[int, ...]) -> LayerSpec:
 
 def chain_model(src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: Precision,
                 activation: str = "relu", merge: str = "none") -> onnx.ModelProto:
-    """A chain ``src_spec(src) -> glue -> dst_spec(dst)``: two layers as the exporter joins them (the glue
-    holding the edge's ``activation``, which ORT fuses into a float producer, and for ``merge`` "add" a
-    residual add of a second, float graph input "r" before it), each with the seeded weights of its own
-    layer row (``src_spec``'s output must be ``dst_spec``'s input).
+    """A chain ``src_spec(src) -> glue -> dst_spec(dst)``: two layers as the exporter joins them
+    (:func:`emit_glue`: the edge's ``activation``, absorbed into an integer stream or fused by ORT into a
+    float producer, and for ``merge`` "add" a residual add of a second graph input "r", integer codes
+    where the add is integer), each with the seeded weights of its own layer row (``src_spec``'s output
+    must be ``dst_spec``'s input).
 
     Its time C includes what the boundary costs in context (Q/DQ, ORT's layout changes between NHWC
     integer kernels and NCHWc float kernels, lost fusions, the cache state the producer leaves);
@@ -201,7 +234,8 @@ def chain_model(src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: P
     parts = GraphParts()
     inputs = [_value_info("x", io_elem(src, False), src_spec.input_shape)]
     if merge == "add":
-        inputs.append(_value_info("r", TensorProto.FLOAT, src_spec.output_shape))
+        r_elem = io_elem(src, False) if residual_is_integer(src) else TensorProto.FLOAT
+        inputs.append(_value_info("r", r_elem, src_spec.output_shape))
     a = emit_random_layer(parts, src_spec, src, "x", "a", _rng(src_spec))
     g = emit_glue(parts, a, "g", src, dst, activation, residual="r" if merge == "add" else None)
     emit_random_layer(parts, dst_spec, dst, g, "y", _rng(dst_spec))

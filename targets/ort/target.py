@@ -22,7 +22,7 @@ from hwmpq.records import FP32, BitPlan, BuildResult, LayerSpec, MeasureConfig, 
 
 from ..base import DeviceInfo, ExportResult, TargetPrecisions
 from . import layers
-from .timing import fast_int8_is_exact, time_model
+from .timing import DISABLED_OPTIMIZERS, fast_int8_is_exact, time_model
 
 W8A8, W4A8, W16A16, W4A32 = Precision(8, 8), Precision(4, 8), Precision(16, 16), Precision(4, 32)
 ORT_PRECISIONS = TargetPrecisions(
@@ -66,6 +66,7 @@ class OrtTarget:
 
     id = "ort-x86"
     precisions = ORT_PRECISIONS
+    placement = "tensor"  # one quantizer per tensor: ORT's QDQ convention (targets/ort/export.py)
 
     def __init__(self, threads: int = 1, workdir: str | None = None, clock: str = "auto",
                  exact_u8s8: bool | None = None, **_: object) -> None:
@@ -177,14 +178,16 @@ class OrtTarget:
     def export(self, model, plan: BitPlan, example_input, out_dir: str, **options) -> ExportResult:
         """``model`` is already ``quantize_``'d with ``plan`` and trained/calibrated (see targets/cli.py)."""
         from hwmpq.graph import analyse
+        from hwmpq.qmodules import float_view
 
         from .export import write_export
 
-        specs, _ = analyse(model_float_view(model), example_input)
+        specs, _ = analyse(float_view(model), example_input)
         allowed = {s.fqn: self.precisions.for_layer(s) for s in specs}
         plan.validate_against([s.fqn for s in specs], allowed)
         extra = {"session_config": {"session.qdqisint8allowed": "1",
                                     "session.x64quantprecision": "1" if self.exact_u8s8 else "0"},
+                 "disabled_optimizers": list(DISABLED_OPTIMIZERS),
                  **(options.get("manifest_extra") or {})}
         return write_export(model, plan, specs, example_input, out_dir, self.threads, manifest_extra=extra,
                             exact_u8s8=self.exact_u8s8)
@@ -196,15 +199,3 @@ class OrtTarget:
     def cleanup(self) -> None:
         if self._workdir and Path(self._workdir).name.startswith("hwmpq-ort-"):
             shutil.rmtree(self._workdir, ignore_errors=True)
-
-
-def model_float_view(model):
-    """A copy of ``model`` with QuantLayers unwrapped (for shape analysis only)."""
-    import copy
-
-    from hwmpq.qmodules import quant_layers, set_submodule
-
-    plain = copy.deepcopy(model)
-    for fqn, q in quant_layers(plain).items():
-        set_submodule(plain, fqn, q.layer)
-    return plain

@@ -69,12 +69,18 @@ def session_options(threads: int, optimized_path: str | None = None, exact_u8s8:
     return so
 
 
+# ORT's WeightBiasQuantization quantizes the float weights of a Conv/Gemm that sits between a DQ and a Q
+# (per-tensor int8, its own scale): exactly where a plan's fp32 layer sits between integer neighbours. It
+# is off in every session hwmpq makes, so an fp32 layer stays float (the manifest records it).
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+
+
 def make_session(model_path_or_bytes, threads: int, optimized_path: str | None = None,
                  exact_u8s8: bool | None = None):
     import onnxruntime as ort
 
     return ort.InferenceSession(model_path_or_bytes, session_options(threads, optimized_path, exact_u8s8),
-                                providers=["CPUExecutionProvider"])
+                                providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
 
 
 def random_feeds(session, seed: int = 0) -> dict[str, np.ndarray]:
@@ -166,7 +172,8 @@ def kernel_samples(model_path: str, threads: int, runs: int, workdir: str, exact
     so = session_options(threads, exact_u8s8=exact_u8s8)
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(workdir, "kernels")
-    session = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=list(DISABLED_OPTIMIZERS))
     feeds = random_feeds(session)
     for _ in range(runs):
         session.run(None, feeds)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hwmpq.qmodules import QuantLayer, quantize_
+from hwmpq.qmodules import QuantLayer, placement_of, quantize_
 from hwmpq.records import W8A8, BitPlan, MeasureConfig, RunResult, atomic_write_text, to_jsonable
 
 from ..base import ExportResult
@@ -160,6 +160,10 @@ def prepare_model(model: nn.Module, plan: BitPlan, example: torch.Tensor) -> tup
     import copy
 
     warnings = []
+    if placement_of(model) == "tensor":
+        raise ExportError("the model's quantizers are placed per tensor (the ort-x86 form); TVM targets "
+                          "requantize per layer: quantize the float model with placement='layer' "
+                          "(hwmpq train --qat --placement layer, or let hwmpq search/export do it for the target)")
     if not any(isinstance(m, QuantLayer) for m in model.modules()):
         model = quantize_(copy.deepcopy(model), plan)
         warnings.append("model had no trained quantizers: scales calibrated from the example input")

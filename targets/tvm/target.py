@@ -24,6 +24,8 @@ class TvmTarget:
     """A TVM backend for one preset. ``work_dir`` holds built layers and the tuning database (give the
     folder of the LUT so tuning is kept beside it). ``emulated``: None = detect (qemu-user), or force."""
 
+    placement = "layer"  # its integer layers requantize per layer (targets/tvm/export.py)
+
     def __init__(self, preset: str = "host", *, rpc: str | None = None, tracker: str | None = None,
                  key: str | None = None, tune_trials: int = 0, work_dir: str | None = None,
                  timeout_s: float = 120.0, emulated: bool | None = None, threads: int = 1) -> None:

@@ -1,0 +1,266 @@
+"""Tensor placement of activation quantizers: one quantizer per tensor, shared by its producer and all
+its consumers, placed the way ONNX Runtime's QDQ format fuses into integer kernels end to end.
+
+The model is traced with torch.fx (quantized layers as leaves) and rewritten into a GraphModule that
+shares the model's modules. Rules, per tensor of the traced program:
+
+- An **integer layer** (a ``QuantLayer`` with integer activations) reads its input quantized at its
+  ``a_bits``: the producer's quantizer when the tensor already is at that width, else a quantizer on the
+  tensor (one per tensor and width, shared by every consumer at that width). Its output always gets a
+  quantizer of its own (what makes ORT fuse ``DQ -> Conv -> Q`` into QLinearConv); when its only user is
+  a ReLU or ReLU6, the quantizer sits after the activation, unsigned (ReLU6 also caps the step size at
+  6 / qmax), so the activation is exactly absorbed into the quantized range and the exporter drops it.
+  Every user of the output, float layers included, reads the quantized tensor: a float island starts
+  with a DQ.
+- An **integer op** (residual add, mul, concat, average pooling) whose tensor inputs are all quantized
+  at 8 bits or fewer gets an output quantizer of its own (QLinearAdd/QLinearMul/QLinearConcat/
+  QLinearAveragePool each requantize), again after an absorbed ReLU/ReLU6. Its inputs keep their own
+  scales: ORT's QLinear ops take one scale per input, so no scale has to be shared.
+- A **grid op** (max pool, flatten, reshape, ReLU on a quantized tensor, identity) keeps its input's
+  grid: a consumer that needs the tensor quantized re-applies the same quantizer (an identity in torch,
+  a Q/DQ pair that ORT drops when it runs the op on integer codes).
+- Anything else is float: its output is float, and an integer consumer quantizes it.
+
+Layer placement (``QuantLayer`` with its own input and output quantizers, hwmpq/qmodules.py) remains for
+targets whose exporter requantizes per layer (TVM).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .quantizers import LSQQuantizer
+
+INTEGER_OP_BITS = 8  # widest activation codes ORT's QLinear ops (Add, Mul, Concat, pools) take
+
+_RELU_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+_RELU_FUNCTIONS = {torch.relu: "relu", F.relu: "relu", F.relu6: "relu6"}
+_GRID_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU)
+_GRID_FUNCTIONS = {torch.flatten, F.max_pool2d, torch.relu, F.relu, F.dropout}
+_GRID_METHODS = {"flatten", "view", "reshape", "contiguous", "relu"}
+_INTEGER_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_INTEGER_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, torch.mul, torch.cat, torch.concat,
+                      F.avg_pool2d, F.adaptive_avg_pool2d}
+_INTEGER_METHODS = {"add", "mul"}
+
+
+class TensorQuantizer(LSQQuantizer):
+    """The per-tensor activation quantizer of one tensor. ``ceiling`` (ReLU6: 6.0) caps the largest
+    code's value, ``qmax * scale <= ceiling``, so a ReLU6 before it is exactly absorbed."""
+
+    def __init__(self, bits: int, signed: bool | None, ceiling: float | None = None) -> None:
+        super().__init__(bits, signed=signed)
+        self.ceiling = ceiling
+
+    def effective_scale(self) -> torch.Tensor:
+        s = super().effective_scale()
+        if self.ceiling is None:
+            return s
+        return s.clamp_max(self.ceiling / self.range[1])
+
+    def extra_repr(self) -> str:
+        cap = "" if self.ceiling is None else f", ceiling={self.ceiling}"
+        return super().extra_repr() + cap
+
+
+@dataclass(frozen=True)
+class _Quantized:
+    """A tensor's place on a quantization grid: its quantizer (a submodule path) and width; ``node`` is
+    the quantizer's own output node, or None when the grid was inherited through a grid op."""
+
+    quantizer: str
+    bits: int
+    node: fx.Node | None
+
+
+def _relu_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    if node.op == "call_module":
+        return _RELU_MODULES.get(type(modules[node.target]))
+    if node.op == "call_function":
+        return _RELU_FUNCTIONS.get(node.target)
+    if node.op == "call_method" and node.target == "relu":
+        return "relu"
+    return None
+
+
+def _is_grid_op(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _GRID_MODULES)
+    if node.op == "call_function":
+        return node.target in _GRID_FUNCTIONS
+    return node.op == "call_method" and node.target in _GRID_METHODS
+
+
+def _is_integer_op(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _INTEGER_MODULES)
+    if node.op == "call_function":
+        return node.target in _INTEGER_FUNCTIONS
+    return node.op == "call_method" and node.target in _INTEGER_METHODS
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if a.op != "get_attr"]
+
+
+class _Placer:
+    """One pass over the traced graph, inserting quantizer calls (see the module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, is_integer_layer) -> None:
+        self.graph = gm.graph
+        self.modules = dict(gm.named_modules())
+        self.is_integer_layer = is_integer_layer
+        self.state: dict[fx.Node, _Quantized] = {}
+        self.memo: dict[tuple[fx.Node, int], fx.Node] = {}
+        self.absorbed: set[fx.Node] = set()
+        self.quantizers: nn.ModuleDict = gm.tensor_quant
+        self.layer_inputs: dict[str, str] = {}  # integer layer fqn -> its input quantizer's name
+
+    def new_quantizer(self, bits: int, signed: bool | None, ceiling: float | None = None) -> str:
+        name = f"q{len(self.quantizers)}"
+        self.quantizers[name] = TensorQuantizer(bits, signed, ceiling)
+        return name
+
+    def call_after(self, node: fx.Node, quantizer: str) -> fx.Node:
+        with self.graph.inserting_after(node):
+            return self.graph.call_module(f"tensor_quant.{quantizer}", (node,))
+
+    def materialize(self, node: fx.Node, bits: int) -> fx.Node:
+        """The node holding ``node``'s value quantized at ``bits`` (inserting a quantizer call if needed)."""
+        st = self.state.get(node)
+        if st is not None and st.bits == bits and st.node is not None:
+            return st.node
+        key = (node, bits)
+        if key not in self.memo:
+            if st is not None and st.bits == bits:  # on the grid already: re-apply the same quantizer
+                name = st.quantizer
+            else:
+                # a re-quantization of codes known to be unsigned (after a ReLU) stays unsigned
+                unsigned = st is not None and int(self.quantizers[st.quantizer].signed_flag) == 0
+                name = self.new_quantizer(bits, False if unsigned else None)
+            q = self.call_after(node, name)
+            self.state[q] = _Quantized(name, bits, q)
+            self.memo[key] = q
+        return self.memo[key]
+
+    def quantize_output(self, node: fx.Node, bits: int, signed: bool = True) -> None:
+        """Give ``node``'s output (after a lone ReLU/ReLU6 user, absorbed) a quantizer of its own, and make
+        every user read the quantized tensor."""
+        out, kind = node, None
+        users = list(node.users)
+        if len(users) == 1 and _relu_kind(users[0], self.modules) is not None:
+            out, kind = users[0], _relu_kind(users[0], self.modules)
+            self.absorbed.add(out)
+        ceiling = 6.0 if kind == "relu6" else None
+        name = self.new_quantizer(bits, signed if kind is None else False, ceiling)
+        q = self.call_after(out, name)
+        out.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+        st = _Quantized(name, bits, q)
+        self.state[out] = self.state[q] = st
+
+    def run(self) -> None:
+        for node in list(self.graph.nodes):
+            if node.op in ("placeholder", "output", "get_attr") or node in self.absorbed or node in self.state:
+                continue
+            precision = self.is_integer_layer(node)
+            if precision is not None:
+                x = node.args[0]
+                qx = self.materialize(x, precision.a_bits)
+                node.args = (qx, *node.args[1:])
+                self.layer_inputs[node.target] = self.state[qx].quantizer
+                self.quantize_output(node, precision.a_bits)
+            elif _is_integer_op(node, self.modules):
+                inputs = _tensor_inputs(node)
+                widths = [self.state[a].bits if a in self.state else None for a in inputs]
+                if inputs and all(w is not None and w <= INTEGER_OP_BITS for w in widths):
+                    for a, w in zip(inputs, widths, strict=True):
+                        node.replace_input_with(a, self.materialize(a, w))
+                    self.quantize_output(node, max(widths))
+            elif _is_grid_op(node, self.modules):
+                inputs = _tensor_inputs(node)
+                if len(inputs) == 1 and inputs[0] in self.state:
+                    st = self.state[inputs[0]]
+                    self.state[node] = _Quantized(st.quantizer, st.bits, None)
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        what = f"module {node.target!r} ({type(modules[node.target]).__name__})"
+    else:
+        what = f"{node.op.replace('call_', '')} {getattr(node.target, '__name__', node.target)!r} (node {node.name!r})"
+    lines = (node.stack_trace or "").strip().splitlines()
+    files = [i for i, line in enumerate(lines) if line.strip().startswith("File ") and "/torch/" not in line]
+    if not files:
+        return what
+    i = files[-1]
+    source = lines[i + 1].strip() if i + 1 < len(lines) else ""
+    return f"{what} at {lines[i].strip()}: {source}"
+
+
+def float_ops_in_stream(gm: fx.GraphModule) -> list[str]:
+    """The ops of a tensor-placed model that compute in float on a quantized tensor, other than float
+    layers: ops with no integer kernel (SiLU, Hardswish, sigmoid, a 16-bit add, ...) that split an
+    integer stretch. Each is named with its module or function and, where torch.fx recorded it, the
+    line of the model's source."""
+    if not isinstance(gm, fx.GraphModule):
+        return []  # a float model
+    modules = dict(gm.named_modules())
+    quantized = {n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("tensor_quant.")}
+    found = []
+    for node in gm.graph.nodes:
+        if node in quantized or node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op == "call_module" and isinstance(modules[node.target], (nn.Conv2d, nn.Linear, LSQQuantizer)):
+            continue
+        if node.op == "call_module" and type(modules[node.target]).__name__ == "QuantLayer":
+            continue
+        if _is_grid_op(node, modules) or not any(a in quantized for a in node.all_input_nodes):
+            continue
+        out = node
+        if len(node.users) == 1 and _relu_kind(next(iter(node.users)), modules) is not None:
+            out = next(iter(node.users))  # an absorbed activation: the quantizer follows it
+        if _is_integer_op(node, modules) and any(u in quantized for u in out.users):
+            continue
+        if _relu_kind(node, modules) is not None and any(u in quantized for u in node.users):
+            continue
+        found.append(_describe(node, modules))
+    return found
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: tuple[type, ...]) -> None:
+        super().__init__()
+        self.leaves = leaves
+        self.record_stack_traces = True  # so a warning can name the model's source line
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+def place_tensor_quantizers(model: nn.Module, is_integer_layer, leaves: tuple[type, ...]) -> tuple[fx.GraphModule, dict[str, str]]:
+    """``model`` (layers already wrapped) as a GraphModule sharing its modules, with tensor quantizers
+    inserted as ``tensor_quant.q<i>`` (numbered in execution order, so state dicts are stable).
+    ``is_integer_layer(node)`` returns the node's Precision when it is an integer layer, else None.
+    Returns the GraphModule and, per integer layer, the name of its input quantizer."""
+    from .graph import UnsupportedModelError
+
+    try:
+        graph = _LeafTracer(leaves).trace(model)
+    except Exception as e:  # fx raises many types; the message is what helps
+        raise UnsupportedModelError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e})") from e
+    gm = fx.GraphModule(model, graph, class_name=f"Quantized{type(model).__name__}")
+    for node in list(gm.graph.nodes):  # folded BatchNorms are Identity: drop them so activations are adjacent
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.tensor_quant = nn.ModuleDict()
+    placer = _Placer(gm, is_integer_layer)
+    placer.run()
+    gm.graph.lint()
+    gm.recompile()
+    return gm, placer.layer_inputs
