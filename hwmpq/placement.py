@@ -12,13 +12,18 @@ shares the model's modules. Rules, per tensor of the traced program:
   6 / qmax), so the activation is exactly absorbed into the quantized range and the exporter drops it.
   Every user of the output, float layers included, reads the quantized tensor: a float island starts
   with a DQ.
-- An **integer op** (residual add, mul, concat, average pooling) whose tensor inputs are all quantized
-  at 8 bits or fewer gets an output quantizer of its own (QLinearAdd/QLinearMul/QLinearConcat/
-  QLinearAveragePool each requantize), again after an absorbed ReLU/ReLU6. Its inputs keep their own
-  scales: ORT's QLinear ops take one scale per input, so no scale has to be shared.
-- A **grid op** (max pool, flatten, reshape, ReLU on a quantized tensor, identity) keeps its input's
+- An **integer op** (residual add, mul, concat, average pooling) with a tensor input quantized at 8 bits
+  or fewer (and none wider) gets an output quantizer of its own (QLinearAdd/QLinearMul/QLinearConcat/
+  QLinearAveragePool each requantize), again after an absorbed ReLU/ReLU6; a float input (the output of
+  a float island, e.g. a float shortcut conv) is quantized where it joins, so one float layer does not
+  turn the rest of a residual stream float. Inputs keep their own scales: ORT's QLinear ops take one
+  scale per input, so no scale has to be shared.
+- A **grid op** (max pool, padding, flatten, reshape, permute, slicing, ReLU on a quantized tensor,
+  identity) keeps its input's
   grid: a consumer that needs the tensor quantized re-applies the same quantizer (an identity in torch,
-  a Q/DQ pair that ORT drops when it runs the op on integer codes).
+  a Q/DQ pair that ORT drops when it runs the op on integer codes). When a float tensor reaches an
+  integer consumer through data movements (a float stem's max pool), the quantizer goes before them,
+  so they run on integer codes.
 - Anything else is float: its output is float, and an integer consumer quantizes it.
 
 Layer placement (``QuantLayer`` with its own input and output quantizers, hwmpq/qmodules.py) remains for
@@ -40,12 +45,17 @@ INTEGER_OP_BITS = 8  # widest activation codes ORT's QLinear ops (Add, Mul, Conc
 
 _RELU_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 _RELU_FUNCTIONS = {torch.relu: "relu", F.relu: "relu", F.relu6: "relu6"}
-_GRID_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU)
-_GRID_FUNCTIONS = {torch.flatten, F.max_pool2d, torch.relu, F.relu, F.dropout}
-_GRID_METHODS = {"flatten", "view", "reshape", "contiguous", "relu"}
+# padding: zero is code 0 of every grid, reflection and replication copy codes (a non-zero F.pad constant
+# would be rounded onto the input's grid by the consumer's re-applied quantizer)
+_GRID_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.ReLU, nn.ZeroPad2d, nn.ReflectionPad2d,
+                 nn.ReplicationPad2d, nn.Unflatten)
+_GRID_FUNCTIONS = {torch.flatten, F.max_pool2d, torch.relu, F.relu, F.dropout, F.pad, torch.reshape, torch.squeeze,
+                   torch.unsqueeze, torch.permute, torch.transpose}
+_GRID_METHODS = {"flatten", "view", "reshape", "contiguous", "relu", "squeeze", "unsqueeze", "permute", "transpose",
+                 "expand", "expand_as"}
 _INTEGER_MODULES = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-_INTEGER_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, torch.mul, torch.cat, torch.concat,
-                      F.avg_pool2d, F.adaptive_avg_pool2d}
+_BINARY_FUNCTIONS = {operator.add, operator.iadd, torch.add, operator.mul, torch.mul}
+_INTEGER_FUNCTIONS = _BINARY_FUNCTIONS | {torch.cat, torch.concat, F.avg_pool2d, F.adaptive_avg_pool2d}
 _INTEGER_METHODS = {"add", "mul"}
 
 
@@ -96,12 +106,19 @@ def _is_grid_op(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in _GRID_METHODS
 
 
+def _is_move(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A grid op that only moves or selects values (not a ReLU): quantizing its input or its output is the same."""
+    return _is_grid_op(node, modules) and _relu_kind(node, modules) is None and len(_tensor_inputs(node)) == 1
+
+
 def _is_integer_op(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[node.target], _INTEGER_MODULES)
-    if node.op == "call_function":
-        return node.target in _INTEGER_FUNCTIONS
-    return node.op == "call_method" and node.target in _INTEGER_METHODS
+    binary = (node.op == "call_function" and node.target in _BINARY_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in _INTEGER_METHODS)
+    if binary:  # QLinearAdd/QLinearMul take two tensors; a scalar operand (x + 1) stays a float op
+        return all(isinstance(a, fx.Node) for a in node.args[:2])
+    return node.op == "call_function" and node.target in _INTEGER_FUNCTIONS
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
@@ -135,6 +152,12 @@ class _Placer:
         st = self.state.get(node)
         if st is not None and st.bits == bits and st.node is not None:
             return st.node
+        if st is None and _is_move(node, self.modules):
+            # quantize before a pure data movement (max pool, flatten, ...): it then runs on integer codes
+            # (ORT's uint8 NHWC max pool instead of a float NCHW one) and gives the same values
+            src = node.args[0]
+            node.replace_input_with(src, self.materialize(src, bits))
+            st = self.state[node] = _Quantized(self.state[node.args[0]].quantizer, bits, None)
         key = (node, bits)
         if key not in self.memo:
             if st is not None and st.bits == bits:  # on the grid already: re-apply the same quantizer
@@ -176,11 +199,13 @@ class _Placer:
                 self.quantize_output(node, precision.a_bits)
             elif _is_integer_op(node, self.modules):
                 inputs = _tensor_inputs(node)
-                widths = [self.state[a].bits if a in self.state else None for a in inputs]
-                if inputs and all(w is not None and w <= INTEGER_OP_BITS for w in widths):
-                    for a, w in zip(inputs, widths, strict=True):
-                        node.replace_input_with(a, self.materialize(a, w))
-                    self.quantize_output(node, max(widths))
+                widths = [self.state[a].bits for a in inputs if a in self.state]
+                if widths and max(widths) <= INTEGER_OP_BITS and len(inputs) == len(node.all_input_nodes):
+                    bits = max(widths)
+                    for a in inputs:  # a float input (a float island's output) is quantized as it leaves
+                        st = self.state.get(a)
+                        node.replace_input_with(a, self.materialize(a, st.bits if st is not None else bits))
+                    self.quantize_output(node, bits)
             elif _is_grid_op(node, self.modules):
                 inputs = _tensor_inputs(node)
                 if len(inputs) == 1 and inputs[0] in self.state:

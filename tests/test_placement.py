@@ -133,16 +133,17 @@ def test_relu6_is_absorbed_by_capping_the_step_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_float_island_in_a_residual_add_is_dequantized_at_its_border(tmp_path):
+def test_a_float_layer_is_an_island_with_a_dq_in_and_a_q_out(tmp_path):
     model = _model()
     x = torch.randn(64, 3, 12, 12)
     plan = BitPlan.from_dict({"stem": W8A8, "conv1": W8A8, "conv2": FP32, "fc": W8A8})
     q = _quantized(model, plan, x)
     res, opt, warns = _export(q, plan, tmp_path)
     assert res.float_layers == ("conv2",) and set(res.integer_layers) == {"stem", "conv1", "fc"}
-    # conv2 stays a float Conv (ORT's WeightBiasQuantization is off), the add of its float output and
-    # the integer shortcut is float, and the stream is requantized after it
-    assert opt["QLinearConv"] == 2 and opt["Add"] == 1 and opt["QLinearAdd"] == 0, opt
+    # conv2 stays a float Conv (ORT's WeightBiasQuantization is off) between a DQ and a Q; its output is
+    # quantized where it joins the residual add, which stays integer
+    assert opt["QLinearConv"] == 2 and opt["Conv"] == 1 and opt["QLinearAdd"] == 1 and opt["Add"] == 0, opt
+    assert opt["QuantizeLinear"] == 2 and opt["DequantizeLinear"] == 2, opt  # the model's ends + the island's
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["float_layers"] == ["conv2"] and manifest["dequantized_tensors"]
     assert manifest["disabled_optimizers"] == ["WeightBiasQuantization"]
@@ -173,3 +174,31 @@ def test_layer_placement_keeps_per_layer_quantizers():
     assert all(m.in_quant is not None and m.out_quant is not None for m in quant_layers(q).values())
     with pytest.raises(ValueError, match="placement"):
         quantize(copy.deepcopy(model), BitPlan.uniform(fqns, W8A8), placement="edge")
+
+
+@pytest.mark.slow
+def test_a_float_stem_is_quantized_before_its_max_pool(tmp_path):
+    """Quantizing before a pure data movement gives the same values and lets it run on integer codes; the
+    exporter writes that max pool channels-last, so the integer stream after it stays channels-last."""
+    model = create_model("resnet18", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fqns = [s.fqn for s in analyse(model, x[:1])[0]]
+    plan = BitPlan(tuple((f, FP32 if f == "stem.0" else W8A8) for f in fqns))
+    q = _quantized(model, plan, x)
+    pool = next(n for n in q.graph.nodes if n.op == "call_module" and isinstance(q.get_submodule(n.target), nn.MaxPool2d))
+    assert pool.args[0].target.startswith("tensor_quant.")
+    after = [u for u in pool.users]
+    assert len(after) == 1 and after[0].target == pool.args[0].target  # the same quantizer re-applied
+    quantizer = q.get_submodule(pool.args[0].target)
+    y = 3 * torch.randn(2, 64, 32, 32)
+    with torch.no_grad():  # max commutes with the monotone quantizer: the same values either way
+        assert torch.equal(F.max_pool2d(quantizer(y), 3, 2, 1), quantizer(F.max_pool2d(y, 3, 2, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = OrtTarget(threads=1).export(q, plan, x[:1], str(tmp_path / "out"))
+    opt = Counter(n.op_type for n in onnx.load(tmp_path / "out" / "model.opt.onnx").graph.node)
+    # channels-first, ORT would pool the codes 20x slower and put a Transpose around every block
+    assert opt["NhwcMaxPool"] == 1 and opt["MaxPool"] == 0 and opt["Transpose"] <= 2, opt
+    assert opt["QLinearAdd"] == 8 and opt["QuantizeLinear"] == 1 and opt["DequantizeLinear"] == 1, opt
+    agree, diff, scale = _agreement(q, res.artifact, x)
+    assert agree == 1.0 and diff < 0.05 * scale, (agree, diff, scale)

@@ -7,10 +7,12 @@ transitions and kernels in context, profiled into ``--lut-dir`` and resumed from
 ORT-optimized op histogram (Q/DQ counts) and, for hwmpq's plans, the LUT's prediction.
 
     python bench/ort/bench_export.py --out bench/ort/results/export
-    python bench/ort/bench_export.py --models resnet20 --agreement --out bench/ort/results/export
+    python bench/ort/bench_export.py --validate 10 --out bench/ort/results/export
+    python bench/ort/bench_export.py --agreement --out bench/ort/results/export
 
 ``--agreement``: resnet20 trained briefly on Fashion-MNIST, QAT w8a8 and a mixed plan, exported;
 top-1 agreement and max logit difference against the torch fake-quant model on 1,000 test images.
+``--validate N``: ``lut validate`` of each model's LUT with N random fp32/w8a8 plans (``validate_<model>.json``).
 Writes ``bench_export.json``/``.csv`` (and ``agreement.json``) and prints the table.
 """
 
@@ -208,6 +210,20 @@ def agreement(out: Path, n_test: int = 1000, train_limit: int = 6000) -> dict:
     return report
 
 
+def validate_lut(name: str, target: OrtTarget, config: MeasureConfig, timing: MeasureConfig, lut_dir: Path,
+                 out: Path, n_plans: int) -> None:
+    """``lut.validate`` of ``lut_dir/<name>.lut`` with ``n_plans`` random fp32/w8a8 plans, whole models timed
+    under ``timing``; the report goes to ``out/validate_<name>.json``."""
+    from hwmpq.lut.validate import format_report, validate
+
+    model, x = build(name)
+    with LutStore.open(lut_dir / f"{name}.lut", target=target.id, device=target.device()) as store:
+        report = validate(store, model, x, n_plans, config, seed=0, json_out=str(out / f"validate_{name}.json"),
+                          target=target, model_name=name, measure_config=timing)
+    print(name)
+    print(format_report(report), flush=True)
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'model':<16} {'variant':<20} {'ms':>8} {'p10':>8} {'p90':>8} {'x ORT':>6} {'x fp32':>6} "
           f"{'pred ms':>8} {'plain':>8} {'int8':>6} {'Q':>4} {'DQ':>4}")
@@ -240,6 +256,7 @@ def main() -> None:
     ap.add_argument("--time-repeat", type=int, default=200, help="whole-model runs per variant")
     ap.add_argument("--time-rounds", type=int, default=20, help="interleaved rounds they are spread over")
     ap.add_argument("--agreement", action="store_true", help="run the Fashion-MNIST export agreement instead")
+    ap.add_argument("--validate", type=int, default=0, help="validate the models' LUTs with N random plans instead")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -254,6 +271,10 @@ def main() -> None:
     target.precisions = TargetPrecisions(conv=(FP32, W8A8), dwconv=(FP32, W8A8), linear=(FP32, W8A8))
     config = MeasureConfig(warmup=10, repeat=args.repeat, threads=args.threads)
     timing = dataclasses.replace(config, repeat=args.time_repeat, rounds=args.time_rounds)
+    if args.validate:
+        for name in args.models.split(","):
+            validate_lut(name, target, config, timing, Path(args.lut_dir or out), out, args.validate)
+        return
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="hwmpq-bench-") as tmp:
         for name in args.models.split(","):

@@ -174,6 +174,10 @@ def insert_qdq(m: onnx.ModelProto, layers: dict[str, LayerQuant], tensors: dict[
     tq_names = list(tensors)
     consts = _constant_values(graph)
     producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     uses = Counter(i for n in graph.node for i in n.input)
     uses.update(o.name for o in graph.output)
     dropped = set()
@@ -193,6 +197,8 @@ def insert_qdq(m: onnx.ModelProto, layers: dict[str, LayerQuant], tensors: dict[
     parts = GraphParts()
     new_nodes, replaced_inits = [], set()
     applied = Counter()  # a quantizer re-applied after a grid op gets a Q/DQ pair per application
+    codes_of: dict[str, str] = {}  # marker output -> the integer codes it dequantizes
+    pooled: dict[str, str] = {}  # marker output -> codes an integer max pool computed for it
     for n in graph.node:
         if id(n) in dropped:
             continue
@@ -201,8 +207,13 @@ def insert_qdq(m: onnx.ModelProto, layers: dict[str, LayerQuant], tensors: dict[
             i = n.attribute[0].i
             tq, tag = tq_by_index[i], f"tq_{tq_names[i]}_{applied[i]}"
             applied[i] += 1
-            codes = parts.quantize_act(n.input[0], f"{tag}_codes", tq.scale, tq.bits, tq.signed)
+            codes = pooled.get(n.output[0])
+            if codes is None:
+                codes = parts.quantize_act(n.input[0], f"{tag}_codes", tq.scale, tq.bits, tq.signed)
+            codes_of[n.output[0]] = codes
             parts.dequantize_act(codes, n.output[0], tq.scale, tq.bits, tq.signed)
+        elif n.op_type == "MaxPool" and (after := _integer_max_pool(n, codes_of, consumers, tq_by_index)):
+            pooled[after] = _nhwc_max_pool(parts, n, codes_of[n.input[0]])
         elif id(n) in layer_of:
             lq = layers[layer_of[id(n)]]
             replaced_inits.update(n.input[1:])
@@ -211,6 +222,7 @@ def insert_qdq(m: onnx.ModelProto, layers: dict[str, LayerQuant], tensors: dict[
             new_nodes.append(n)
             continue
         new_nodes.extend(parts.nodes[start:])
+    new_nodes = _without_dead_nodes(new_nodes, {o.name for o in graph.output})
     used = {i for n in new_nodes for i in n.input}
     keep = [t for t in graph.initializer if t.name not in replaced_inits or t.name in used]
     del graph.node[:]
@@ -224,6 +236,46 @@ def insert_qdq(m: onnx.ModelProto, layers: dict[str, LayerQuant], tensors: dict[
         m.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.checker.check_model(m)
     return m
+
+
+def _without_dead_nodes(nodes: list, outputs: set[str]) -> list:
+    """``nodes`` without those whose outputs nothing reads (the DQ a rewritten max pool no longer reads)."""
+    while True:
+        read = {i for n in nodes for i in n.input} | outputs
+        alive = [n for n in nodes if any(o in read for o in n.output)]
+        if len(alive) == len(nodes):
+            return nodes
+        nodes = alive
+
+
+def _integer_max_pool(node, codes_of: dict[str, str], consumers: dict[str, list], tq_by_index) -> str | None:
+    """The marker output a MaxPool on integer codes feeds (its input a marker's output, its only consumer
+    a marker of the same quantizer, 8 bits or fewer), else None."""
+    users = consumers.get(node.output[0], [])
+    if node.input[0] not in codes_of or len(users) != 1 or users[0].domain != "hwmpq":
+        return None
+    attrs = {a.name for a in node.attribute}
+    if "storage_order" in attrs or tq_by_index[users[0].attribute[0].i].bits > 8:
+        return None
+    return users[0].output[0]
+
+
+def _nhwc_max_pool(parts: GraphParts, node, codes: str) -> str:
+    """``node`` (a MaxPool) on ``codes`` as ORT's channels-last integer max pool between two Transposes.
+    ORT runs an integer max pool channels-last by itself only when its input already is; after a float
+    island (a float stem) it would run it channels-first, 20x slower, and leave the residual stream
+    channels-first with a Transpose around every later block. Written this way, the Transposes cancel
+    against the integer convs' and the stream stays channels-last."""
+    from onnx import helper
+
+    tag = node.name.strip("/").replace("/", "_") or node.output[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    parts.nodes.append(helper.make_node("Transpose", [codes], [f"{tag}_nhwc"], name=f"{tag}_to_nhwc", perm=[0, 2, 3, 1]))
+    parts.nodes.append(helper.make_node("NhwcMaxPool", [f"{tag}_nhwc"], [f"{tag}_pooled_nhwc"], name=f"{tag}_nhwc",
+                                        domain="com.microsoft", **attrs))
+    parts.nodes.append(helper.make_node("Transpose", [f"{tag}_pooled_nhwc"], [f"{tag}_pooled"], name=f"{tag}_to_nchw",
+                                        perm=[0, 3, 1, 2]))
+    return f"{tag}_pooled"
 
 
 def _emit_layer(parts: GraphParts, node, lq: LayerQuant) -> None:
