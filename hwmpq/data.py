@@ -637,6 +637,25 @@ def load_factory(spec: str, *, seed: int = 0) -> Splits:
     return Splits(spec, parts["train"], parts["val"], parts["test"], num_classes, shapes["train"])
 
 
+def splits_from_datasets(name: str, train: Dataset, val: Dataset, test: Dataset,
+                         num_classes: int | None = None) -> Splits:
+    """A :class:`Splits` over datasets taken as they are (no re-split): for a caller that holds its splits
+    already (``hwmpq.api`` wraps DataLoaders with it). One dataset may serve as several splits. Samples are
+    checked like a factory's (their first one made now, so a malformed one is named before any work);
+    ``num_classes`` defaults to 1 + the largest label."""
+    wrapped: dict[int, Dataset] = {}  # one wrapper per distinct dataset: its labels are counted once
+    parts = {}
+    for split, ds in zip(SPLIT_NAMES, (train, val, test), strict=True):
+        if id(ds) not in wrapped:
+            wrapped[id(ds)] = _as_samples(ds, name, split)
+        parts[split] = wrapped[id(ds)]
+    shapes = {s: tuple(ds[0][0].shape) for s, ds in parts.items()}
+    if len(set(shapes.values())) > 1:
+        raise DataSourceError(f"--data {name!r}: the splits' images differ in shape: {shapes}")
+    classes = _num_classes(list(wrapped.values()), num_classes, name)
+    return Splits(name, parts["train"], parts["val"], parts["test"], classes, shapes["train"])
+
+
 def _call_factory(spec: str) -> Any:
     path, _, name = spec.rpartition(":") if ".py:" in spec else (spec, "", "")
     if not name:

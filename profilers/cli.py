@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -13,17 +15,16 @@ def _target_options(target, lut, threads, rpc, tracker, key, tune_trials, emulat
     opts = {"threads": threads, "rpc": rpc, "tracker": tracker, "key": key, "tune_trials": tune_trials,
             "emulated": emulated}
     if target.startswith("tvm:"):
-        from pathlib import Path
+        from hwmpq.api import target_work_dir
 
-        opts["work_dir"] = str(Path(lut).resolve().parent / (Path(lut).stem + ".tvm"))
+        opts["work_dir"] = target_work_dir(lut)
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def load_model_and_graph(model: str, input_shape: str | None, weights: str | None):
-    """(model, example input, layer specs, edges); a bad --model/--input-shape raises a clear ValueError."""
+def load_model_and_input(model: str, input_shape: str | None, weights: str | None):
+    """(model, example input); a bad --model/--input-shape raises a clear ValueError."""
     import torch
 
-    from hwmpq.graph import analyse
     from hwmpq.modelspec import ModelLoadError, default_shape, load_model, parse_input_shape
 
     shape = parse_input_shape(input_shape)
@@ -33,13 +34,28 @@ def load_model_and_graph(model: str, input_shape: str | None, weights: str | Non
             load_model(model)  # an unknown zoo name: its error lists the known ones
         if shape is None:
             raise ModelLoadError(f"--model {model!r} is not a zoo model: give --input-shape N,C,H,W")
-    net = load_model(model, in_chans=shape[1], weights=weights)
-    x = torch.zeros(shape)
+    return load_model(model, in_chans=shape[1], weights=weights), torch.zeros(shape)
+
+
+def load_model_and_graph(model: str, input_shape: str | None, weights: str | None):
+    """(model, example input, layer specs, edges), the edges across residual adds and concats included
+    (the LUT model prices them)."""
     from hwmpq.lut.model import edges_through_merges
 
+    from hwmpq.graph import analyse
+
+    net, x = load_model_and_input(model, input_shape, weights)
     specs, _ = analyse(net, x)
-    # the LUT model also prices edges across residual adds and concats: measure those too
     return net, x, specs, edges_through_merges(net, x)
+
+
+@contextmanager
+def _warnings_to(console):
+    """Warnings (a foreign LUT used with --force, a precision the kernels in context skipped) printed as
+    one line each on the console."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: console.print(f"[yellow]warning:[/] {message}")
+        yield
 
 
 def profile_command(
@@ -79,55 +95,38 @@ def profile_command(
 
     Interrupt it at any time: every finished measurement is already committed, and the same command
     resumes with only the missing ones."""
-    import warnings
-
-    from hwmpq.lut.store import LutStore
     from hwmpq.targets import get_target
     from rich.console import Console
 
+    from hwmpq.api import ProfileOptions, ProfileStopped, profile
     from hwmpq.records import MeasureConfig
-
-    from .runner import profile
 
     console = Console(stderr=True, soft_wrap=True)
     try:
-        net, x, specs, edges = load_model_and_graph(model, input_shape, weights)
+        net, x = load_model_and_input(model, input_shape, weights)
         tgt = get_target(target, **_target_options(target, lut, threads, rpc, tracker, key, tune_trials, emulated))
         config = MeasureConfig(warmup=warmup, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, rounds=rounds,
                                threads=threads or int(getattr(tgt, "threads", 1) or 1), timeout_s=timeout_s)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            store = LutStore.open(lut, target=tgt.id, device=tgt.device(), force=force)
-        for w in caught:
-            console.print(f"[yellow]warning:[/] {w.message}")
     except ValueError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
-    with store:
-        try:
-            from hwmpq.lut.model import profiling_specs
-
-            # transition stand-in layers (one per edge shape) are measured like layers: build_table needs them
-            report = profile(profiling_specs(specs, edges, tgt), edges, tgt, store, config, progress=not quiet, transitions=transitions,
-                             retry_failed=retry_failed, max_run_failures=max_run_failures,
-                             speed_tolerance=speed_tolerance, speed_retries=speed_retries, console=console)
-            if context and report.complete:
-                from hwmpq.lut.context import profile_context
-
-                try:
-                    profile_context(net, x, specs, edges, tgt, store, config, console=None if quiet else console)
-                except KeyboardInterrupt:
-                    console.print("[yellow]interrupted[/] while timing the kernels in context: the layer rows and "
-                                  "the precisions finished are kept; rerun the same command for the rest")
-                    raise typer.Exit(130) from None
-        finally:
-            cleanup = getattr(tgt, "cleanup", None)  # built artifacts of a backend (temp files)
-            if callable(cleanup):
-                cleanup()
-    if report.interrupted:
-        raise typer.Exit(130)
-    if report.stop_reason:
-        raise typer.Exit(1)
+    options = ProfileOptions(transitions=transitions, retry_failed=retry_failed, max_run_failures=max_run_failures,
+                             speed_tolerance=speed_tolerance, speed_retries=speed_retries, force=force,
+                             progress=not quiet, table=False)
+    try:
+        with _warnings_to(console):
+            profile(net, x, target=tgt, lut=lut, config=config, context=context, options=options)
+    except ValueError as e:  # the LUT file: unreadable, or of another device/target/schema
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:  # what was kept, and how to resume, is printed already
+        raise typer.Exit(130) from None
+    except ProfileStopped:  # why, likewise
+        raise typer.Exit(1) from None
+    finally:
+        cleanup = getattr(tgt, "cleanup", None)  # built artifacts of a backend (temp files)
+        if callable(cleanup):
+            cleanup()
 
 
 def register(app: typer.Typer) -> None:

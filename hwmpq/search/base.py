@@ -94,10 +94,17 @@ def register_strategy(config_type: type):
     return deco
 
 
-def run_search(inputs: SearchInputs, config: Any) -> SearchResult:
+def strategy_for(config: Any) -> Callable[[SearchInputs, Any], SearchResult]:
+    """The strategy registered for ``config``'s type; a TypeError naming the known configs otherwise (callers
+    ask before any profiling or training)."""
     fn = _STRATEGIES.get(type(config))
     if fn is None:
         raise TypeError(f"no search strategy for {type(config).__name__}; known: "
                         f"{sorted(t.__name__ for t in _STRATEGIES)}")
+    return fn
+
+
+def run_search(inputs: SearchInputs, config: Any) -> SearchResult:
+    fn = strategy_for(config)
     check_channels(inputs.model, inputs.splits.input_shape)
     return fn(inputs, config)

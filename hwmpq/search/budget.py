@@ -29,6 +29,27 @@ def float_latency_ms(table: LatencyTable) -> tuple[float, float]:
     return table.predict_indices([k] * len(table.fqns))
 
 
+def parse_budget_text(budget: str) -> tuple[str, float]:
+    """("range", fraction), ("x", fraction) or ("ms", latency) from budget text (see :func:`parse_budget`),
+    checked without a table, so that a malformed budget is refused before any profiling or training."""
+    text = budget.strip().lower()
+    try:
+        if text.endswith("range"):
+            kind, value = "range", float(text[: -len("range")])
+        elif text.endswith("x"):
+            kind, value = "x", float(text[:-1])
+        else:
+            kind, value = "ms", float(text.removesuffix("ms"))
+    except ValueError:
+        raise BudgetError(f"--budget {budget!r}: expected e.g. 0.6x (of the fp32 latency), 0.5range "
+                          "(between the fastest plan and fp32) or 2.5ms") from None
+    if kind == "range" and not 0 <= value <= 1:
+        raise BudgetError(f"--budget {budget!r}: the range fraction must be in [0, 1]")
+    if kind == "x" and not value > 0:
+        raise BudgetError(f"--budget {budget!r}: the fraction must be positive")
+    return kind, value
+
+
 def parse_budget(table: LatencyTable, budget: str | None = None, budget_ms: float | None = None,
                  budget_mj: float | None = None) -> Budget:
     """``budget`` is ``0.6x`` (fraction of the fp32 plan's LUT latency), ``0.5range`` (that far from the
@@ -36,26 +57,16 @@ def parse_budget(table: LatencyTable, budget: str | None = None, budget_ms: floa
     or plain ms (``2.5``/``2.5ms``)."""
     lat = budget_ms
     if budget is not None:
-        text = budget.strip().lower()
-        try:
-            if text.endswith("range"):
-                frac = float(text[: -len("range")])
-                if not 0 <= frac <= 1:
-                    raise BudgetError(f"--budget {budget!r}: the range fraction must be in [0, 1]")
-                fastest = table.predict_indices(cheapest_plan(table))[0]
-                lat = fastest + frac * max(0.0, float_latency_ms(table)[0] - fastest)
-            elif text.endswith("x"):
-                frac = float(text[:-1])
-                if not frac > 0:
-                    raise BudgetError(f"--budget {budget!r}: the fraction must be positive")
-                lat = frac * float_latency_ms(table)[0]
-            else:
-                lat = float(text.removesuffix("ms"))
-        except ValueError:
-            raise BudgetError(f"--budget {budget!r}: expected e.g. 0.6x (of the fp32 latency), 0.5range "
-                              "(between the fastest plan and fp32) or 2.5ms") from None
+        kind, value = parse_budget_text(budget)
         if budget_ms is not None:
             raise BudgetError("give either --budget or --budget-ms, not both")
+        if kind == "range":
+            fastest = table.predict_indices(cheapest_plan(table))[0]
+            lat = fastest + value * max(0.0, float_latency_ms(table)[0] - fastest)
+        elif kind == "x":
+            lat = value * float_latency_ms(table)[0]
+        else:
+            lat = value
     return Budget(latency_ms=lat, energy_mj=budget_mj)
 
 
