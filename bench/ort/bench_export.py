@@ -52,6 +52,7 @@ MODELS = {
     "mobilenetv2": ("mobilenetv2", {"num_classes": 1000, "cifar_stem": False}, (1, 3, 224, 224)),
     "resnet20": ("resnet20", {"num_classes": 10}, (1, 3, 32, 32)),
     "mobilenetv2_050": ("mobilenetv2_050", {"num_classes": 10}, (1, 3, 96, 96)),
+    "mobilenetv2_050@28": ("mobilenetv2_050", {"num_classes": 10}, (1, 3, 28, 28)),
 }
 
 
