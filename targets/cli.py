@@ -48,6 +48,12 @@ def load_for_export(model: str, weights: str | None, plan, input_shape: str | No
             state = state["model"]
     placement = target.placement if target is not None else "tensor"
     if state is not None and _is_quantized_state(state):
+        trained = "tensor" if any(k.startswith("tensor_quant.") for k in state) else "layer"
+        if trained != placement:
+            raise ModelLoadError(f"--weights {weights} holds quantizers placed per {trained}, but "
+                                 f"{target.id if target is not None else 'this target'} exports per-{placement} "
+                                 f"quantizers: train the QAT with --placement {placement}, or export its float "
+                                 "checkpoint with --data to calibrate")
         net = quantize(net, plan, placement=placement)
         try:
             net.load_state_dict(state)

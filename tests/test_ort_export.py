@@ -141,3 +141,23 @@ def test_export_cli_float_checkpoint_warns_and_refuses_unknown_layers(trained, t
     res = runner.invoke(app, ["export", "--model", "test_tiny", "--plan", str(tmp_path / "bad.json"),
                               "--out", str(tmp_path / "bad"), "--data", "digits"])
     assert res.exit_code == 2 and "does not have" in res.output and not (tmp_path / "bad").exists()
+
+
+def test_a_checkpoint_of_the_other_placement_is_refused_with_what_to_do(trained, digits, tmp_path):
+    import copy
+
+    from hwmpq.modelspec import ModelLoadError
+    from hwmpq.targets.cli import load_for_export
+
+    plan = BitPlan.uniform(["conv1", "conv2", "dw", "pw", "fc"], W8A8)
+    per_layer = quantize_(copy.deepcopy(trained), plan)
+    calibrate(per_layer, [digits.train.tensors[0][:64]])
+    torch.save(per_layer.state_dict(), tmp_path / "layer.pt")
+    with pytest.raises(ModelLoadError, match="placed per layer.*--placement tensor"):
+        load_for_export("test_tiny", str(tmp_path / "layer.pt"), plan, "1,1,8,8", None, OrtTarget(threads=1))
+    per_tensor = quantized(trained, plan, digits)
+    torch.save(per_tensor.state_dict(), tmp_path / "tensor.pt")
+    net, *_ = load_for_export("test_tiny", str(tmp_path / "tensor.pt"), plan, "1,1,8,8", None, OrtTarget(threads=1))
+    x = digits.test.tensors[0][:32]
+    with torch.no_grad():
+        assert torch.equal(net(x), per_tensor(x))  # the checkpoint restores the trained quantizers exactly
