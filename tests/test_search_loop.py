@@ -79,3 +79,22 @@ def test_cli_refuses_infeasible_budget_before_training(tmp_path, monkeypatch):
     assert res.exit_code == 2, res.output
     assert "infeasible" in res.output and "raise the budget to at least 3 ms" in res.output
     assert not (tmp_path / "p2.json").exists()
+
+
+def test_search_stat_assist_runs_the_float_warm_up_before_the_fine_tune(tmp_path, monkeypatch):
+    """FrostNet's StatAssist from the search (--stat-assist): the plan's float model is trained before it is
+    quantized (the real warm-up runs; the spy only records that it did, and on which model)."""
+    import hwmpq.frost as frost
+
+    seen = []
+    real = frost.float_warmup
+
+    def spy(model, splits, epochs, **kw):
+        seen.append((epochs, any("quant" in n for n, _ in model.named_modules())))
+        return real(model, splits, epochs, **kw)
+
+    monkeypatch.setattr(frost, "float_warmup", spy)
+    rows = run_loop(cfg(tmp_path, method="uniform", target="fake", profile_missing=True, qat={"stat_assist": True},
+                        search={"bits": "8"}))
+    assert seen and seen[0][0] >= 1 and seen[0][1] is False  # a float model, at least one epoch
+    assert rows[0]["test_acc"] is not None

@@ -220,6 +220,19 @@ def _fit_hooks(cfg: LoopConfig, model: nn.Module) -> dict:
     return fit_hooks(QATOptions(**cfg.qat), model)
 
 
+def _stat_assist(cfg: LoopConfig, ctx: Context, model: nn.Module) -> bool:
+    """FrostNet's StatAssist before the fine-tune's quantization (``--stat-assist``): the float ``model``
+    trained in place for the options' warm-up epochs. Returns whether it ran."""
+    if not cfg.qat.get("stat_assist"):
+        return False
+    from hwmpq.qat_options import QATOptions, stat_assist
+
+    _log("StatAssist: float warm-up before quantizing the plan")
+    stat_assist(model, ctx.splits, QATOptions(**cfg.qat), lr=cfg.finetune_lr, batch_size=cfg.batch_size,
+                seed=cfg.seed, limit_batches=cfg.finetune_limit_batches, progress=cfg.progress, log=_log)
+    return True
+
+
 def fine_tune(ctx: Context, cfg: LoopConfig, result: SearchResult) -> nn.Module:
     """QAT of the plan, starting from the search's weights and quantizer scales when it has them."""
     from hwmpq.qmodules import placement_of
@@ -235,9 +248,13 @@ def fine_tune(ctx: Context, cfg: LoopConfig, result: SearchResult) -> nn.Module:
         # no model, float weights, or a supernet's per-layer quantizers (its scales do not carry over to
         # tensor placement, and its weights were trained under them: the demo's SSPS plan reached 0.796
         # test accuracy from them against 0.812 from the float weights): quantize and calibrate
-        start = result.model if result.model is not None and found is None else ctx.model
-        model = prepare_qat(copy.deepcopy(start), plan, ctx.splits, batch_size=cfg.batch_size, seed=cfg.seed,
-                            placement=placement)
+        start = copy.deepcopy(result.model if result.model is not None and found is None else ctx.model)
+        warmed = _stat_assist(cfg, ctx, start) if wants_quant and cfg.finetune_epochs >= 1 else False
+        model = prepare_qat(start, plan, ctx.splits, batch_size=cfg.batch_size, seed=cfg.seed, placement=placement,
+                            calibration_batches=4 if warmed else 1)
+    if cfg.qat.get("stat_assist") and found == placement and wants_quant:
+        _log("[yellow]note[/]: --stat-assist: the search's model is already quantized, so there is no float "
+             "phase to warm up; the fine-tune starts from the search's quantizers")
     if all(p == FP32 for _, p in plan.layers) or cfg.finetune_epochs < 1:
         return model.eval()
     fit(model, ctx.splits, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size, seed=cfg.seed,
