@@ -31,6 +31,13 @@ def integer_bias(precision: Precision) -> bool:
     return precision.w_bits <= 8 and precision.a_bits <= 8 and precision.w_bits != 4
 
 
+def runs_own_forward(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a Conv2d/Linear subclass with a forward of its own (e.g. a TensorFlow "SAME"
+    conv padding its input first): quantized, it runs that forward with the quantized weight and bias,
+    so whatever it does around its kernel is kept."""
+    return type(layer).forward not in (nn.Conv2d.forward, nn.Linear.forward)
+
+
 class QuantLayer(nn.Module):
     """Wraps one Conv2d or Linear (sharing its parameters) with its weight quantizer and, in layer
     placement, its own input and output quantizers. In tensor placement the activation quantizers are
@@ -87,7 +94,10 @@ class QuantLayer(nn.Module):
             x = self.in_quant(x)
         w = self.w_quant(self.layer.weight)
         b = self.layer.bias if self.in_quant is not None else self.quantized_bias()
-        if isinstance(self.layer, nn.Conv2d):
+        if runs_own_forward(self.layer):
+            params = {"weight": w} if b is None else {"weight": w, "bias": b}
+            y = torch.func.functional_call(self.layer, params, (x,))
+        elif isinstance(self.layer, nn.Conv2d):
             c = self.layer
             y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
         else:

@@ -106,7 +106,8 @@ class GraphParts:
     def dequantized_bias(self, name: str, bias: np.ndarray, in_scale: float, w_scales: np.ndarray) -> str:
         """Bias as int32 codes at scale in_scale * w_scale (what QLinearConv/QGemm consume)."""
         s = (np.float32(in_scale) * w_scales.astype(np.float32)).astype(np.float32)
-        codes = np.clip(np.round(bias / s), -(2**31), 2**31 - 1).astype(np.int32)
+        # float64: int32's limits are exact there (float32 rounds 2**31 - 1 up, and the cast wraps around)
+        codes = np.clip(np.round(bias.astype(np.float64) / s), -(2**31), 2**31 - 1).astype(np.int32)
         self.const(f"{name}_q", codes)
         self.const(f"{name}_scale", s)
         self.const(f"{name}_zp", np.zeros(len(s), dtype=np.int32))

@@ -3,7 +3,8 @@ linked for the board) + ``params``-free manifest; verified against the torch fak
 
 Each quantized layer is emitted as: float input -> quantize to codes (round half even, saturate) ->
 NCHW->NHWC -> int8 (or bitserial) integer kernel with int32 accumulation and requantization -> NHWC->NCHW
--> dequantize. Glue between layers (ReLU, residual add, pooling, flatten) stays float32, i.e. Q/DQ at
+-> dequantize. Glue between layers (ReLU, residual add, pooling, flatten, and through TVM's own torch.fx
+importer any other op it knows: padding, concat, products, sigmoid, SiLU, ...) stays float32, i.e. Q/DQ at
 every layer boundary, the same graph ONNX QDQ describes. Weights are constants inside the library.
 """
 
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from hwmpq.qmodules import QuantLayer, placement_of, quantize_
+from hwmpq.graph import describe
+from hwmpq.qmodules import QuantLayer, placement_of, quantize_, runs_own_forward
 from hwmpq.records import W8A8, BitPlan, MeasureConfig, RunResult, atomic_write_text, to_jsonable
 
 from ..base import ExportResult
@@ -94,7 +96,10 @@ def _emit_module(bb, x, mod: nn.Module, name: str, specs, dotprod: bool):
         shift = (mod.bias.detach().numpy().reshape(1, -1, 1, 1) - mod.running_mean.numpy().reshape(1, -1, 1, 1) * inv)
         return bb.emit(op.add(op.multiply(x, relax.const(inv.astype(np.float32))),
                               relax.const(shift.astype(np.float32))))
-    raise ExportError(f"module {name!r} ({type(mod).__name__}) has no TVM export rule")
+    if isinstance(mod, nn.ConstantPad2d):  # ZeroPad2d too; TVM's importer has the function, not the module
+        left, right, top, bottom = mod.padding
+        return bb.emit(op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], "constant", float(mod.value)))
+    return None
 
 
 _FUNCS = {operator.add: "add", torch.add: "add", operator.iadd: "add", F.relu: "relu", torch.relu: "relu",
@@ -111,9 +116,48 @@ def _emit_call(bb, node: fx.Node, args, batch: int):
         return bb.emit(relax.op.nn.relu(args[0]))
     if kind == "gap" and args[1] in (1, (1, 1)):
         return bb.emit(relax.op.mean(args[0], axis=[2, 3], keepdims=True))
-    if kind in ("flatten", "view", "reshape"):
-        return bb.emit(relax.op.reshape(args[0], (batch, -1)))  # flatten(start_dim=1) / view(N, -1)
-    raise ExportError(f"operation {node.target!r} (node {node.name!r}) has no TVM export rule")
+    if (kind == "flatten" and tuple(args[1:2]) == (1,) and not node.kwargs) or \
+            (kind in ("view", "reshape") and len(args) == 3 and args[2] == -1):
+        return bb.emit(relax.op.reshape(args[0], (batch, -1)))  # flatten(x, 1) / x.view(N, -1)
+    return None
+
+
+class _FloatOps:
+    """Ops without a rule here, emitted in float by TVM's own torch.fx importer (what
+    ``relax.frontend.torch.from_fx`` uses), on this export's block builder and values: padding,
+    concat, products, sigmoid, SiLU, Hardswish, means, slicing, reshapes, ..."""
+
+    def __init__(self, bb, model: nn.Module, env: dict) -> None:
+        from tvm.relax.frontend.torch.fx_translator import TorchFXImporter
+
+        self.model = model
+        self.importer = TorchFXImporter()
+        self.importer.block_builder = bb
+        self.importer.named_modules = dict(model.named_modules())
+        self.importer.env = env
+
+    def _key(self, node: fx.Node):
+        if node.op == "call_module":
+            return type(self.importer.named_modules[node.target])
+        return node.target.__name__ if node.op == "call_function" else node.target
+
+    def emit(self, node: fx.Node):
+        from tvm import relax
+
+        imp = self.importer
+        if node.op == "get_attr":
+            return imp._fetch_attr(self.model, node.target)
+        key = self._key(node)
+        if key not in imp.convert_map:
+            raise ExportError(f"{describe(node, imp.named_modules)} has no TVM export rule")
+        if node.op == "call_module":  # the converters look parameters up by tensor
+            for p in imp.named_modules[node.target].parameters():
+                imp.params.setdefault(p, relax.const(p.detach().float().numpy()))
+        try:
+            return imp.convert_map[key](node)
+        except Exception as e:  # noqa: BLE001 - any importer failure names the op
+            raise ExportError(f"{describe(node, imp.named_modules)}: TVM's importer failed "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
 
 
 def build_relax(qmodel: nn.Module, example: torch.Tensor, specs, dotprod: bool = False) -> object:
@@ -126,32 +170,56 @@ def build_relax(qmodel: nn.Module, example: torch.Tensor, specs, dotprod: bool =
     modules = dict(qmodel.named_modules())
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(tuple(example.shape), "float32"))
-    env: dict[str, object] = {}
+    env: dict[fx.Node, object] = {}
+    floats = _FloatOps(bb, qmodel, env)
     with bb.function("main", [x]):
         with bb.dataflow():
             for node in graph.nodes:
-                args = [env[a.name] if isinstance(a, fx.Node) else a for a in node.args]
+                args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
                 if node.op == "placeholder":
-                    env[node.name] = x
-                elif node.op == "call_module":
-                    env[node.name] = _emit_module(bb, args[0], modules[node.target], node.target, specs,
-                                                 dotprod)
-                elif node.op in ("call_function", "call_method"):
-                    env[node.name] = _emit_call(bb, node, args, int(example.shape[0]))
+                    env[node] = x
                 elif node.op == "output":
                     out = bb.emit_output(args[0])
+                    continue
+                elif node.op == "call_module":
+                    env[node] = _emit_module(bb, args[0], modules[node.target], node.target, specs, dotprod)
+                elif node.op in ("call_function", "call_method"):
+                    env[node] = _emit_call(bb, node, args, int(example.shape[0]))
+                if env.get(node) is None:
+                    env[node] = floats.emit(node)
         bb.emit_func_output(out)
     return bb.get()
 
 
 def _spec_of(fqn: str, mod: nn.Module):
+    """The layer as the Relax builders emit it: from its attributes (so a subclass whose own forward does
+    more than its kernel, e.g. pads first, is refused)."""
     from hwmpq.records import LayerSpec
 
+    if runs_own_forward(mod):
+        raise ExportError(f"layer {fqn!r} ({type(mod).__name__}) runs a forward of its own around its kernel; "
+                          "the TVM exporter emits a layer from its attributes only and would drop what that "
+                          "forward does: write the model with a plain Conv2d/Linear (and e.g. nn.ZeroPad2d "
+                          "before it)")
     if isinstance(mod, nn.Linear):
         return LayerSpec(fqn, "linear", mod.in_features, mod.out_features, bias=mod.bias is not None)
     kind = "dwconv" if mod.groups > 1 and mod.groups == mod.in_channels else "conv"
-    return LayerSpec(fqn, kind, mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                     mod.dilation, mod.groups, bias=mod.bias is not None)
+    return LayerSpec(fqn, kind, mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
+                     _explicit_padding(fqn, mod), mod.dilation, mod.groups, bias=mod.bias is not None)
+
+
+def _explicit_padding(fqn: str, mod: nn.Conv2d) -> tuple[int, int]:
+    """``mod.padding`` as numbers: ``'valid'`` is 0, ``'same'`` half the dilated kernel where that is
+    symmetric (torch pads an odd total more at the end, which one padding per axis cannot say)."""
+    if not isinstance(mod.padding, str):
+        return tuple(mod.padding)
+    if mod.padding == "valid":
+        return (0, 0)
+    totals = [d * (k - 1) for d, k in zip(mod.dilation, mod.kernel_size, strict=True)]
+    if any(t % 2 for t in totals):
+        raise ExportError(f"layer {fqn!r}: padding='same' with kernel {tuple(mod.kernel_size)} pads "
+                          "asymmetrically; give explicit padding (or nn.ZeroPad2d before the conv)")
+    return tuple(t // 2 for t in totals)
 
 
 def prepare_model(model: nn.Module, plan: BitPlan, example: torch.Tensor) -> tuple[nn.Module, list[str]]:
