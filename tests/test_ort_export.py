@@ -146,8 +146,9 @@ def test_export_cli_float_checkpoint_warns_and_refuses_unknown_layers(trained, t
 def test_a_checkpoint_of_the_other_placement_is_refused_with_what_to_do(trained, digits, tmp_path):
     import copy
 
-    from hwmpq.modelspec import ModelLoadError
     from hwmpq.targets.cli import load_for_export
+
+    from hwmpq.modelspec import ModelLoadError
 
     plan = BitPlan.uniform(["conv1", "conv2", "dw", "pw", "fc"], W8A8)
     per_layer = quantize_(copy.deepcopy(trained), plan)
