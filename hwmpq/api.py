@@ -93,7 +93,7 @@ class SearchOptions:
     search_batch_size: int = 64  # batch size of the search (method by name)
     bits: str = "8"  # method="uniform": the precision (8, w4a8, fp32, ...)
     candidates: tuple[str, ...] = ()  # search only these precisions, e.g. ("fp32", "w8a8"); (): all
-    finetune_epochs: int = 1  # QAT epochs after the search (0: calibrated only)
+    finetune_epochs: int | None = None  # QAT epochs after the search (0: calibrated only); None: 1, or 0 with ptq
     finetune_lr: float = 0.001  # SGD; 0.01 wrecks LSQ step sizes of a BN-folded model
     finetune_limit_batches: int | None = None
     batch_size: int = 128  # QAT and calibration batch size
@@ -103,22 +103,26 @@ class SearchOptions:
     out_dir: str | None = None  # nemo/ilp: where their Pareto front is written (None: not written)
     seed: int = 0  # data split, search and fine-tune
     progress: bool = True
+    ptq: bool = False  # post-training: no training anywhere (ilp, nemo, uniform); the plan's model calibrated
+    calibration_batches: int = 4  # ptq: training batches the plan's quantizers are calibrated on
 
 
 @dataclass(frozen=True)
 class SearchOutcome:
-    """The plan :func:`search` found and the fine-tuned quantized model (in the target's placement)."""
+    """The plan :func:`search` found and the fine-tuned (with ``ptq``: calibrated) quantized model, in the
+    target's placement."""
 
     plan: BitPlan
     model: nn.Module = field(repr=False)
     predicted_ms: float
     predicted_mj: float
-    test_acc: float
+    test_acc: float | None  # None: unlabelled data
     budget: Budget
     table: LatencyTable = field(repr=False)  # the LUT's table the search ran on (``SearchOptions.candidates``)
     result: SearchResult = field(repr=False)  # the strategy's record: trace, notes, repaired, wall_s
     lut: str
     target: str
+    agreement: float | None = None  # top-1 agreement with the float model on the test split
 
 
 @dataclass(frozen=True)
@@ -358,14 +362,19 @@ def _try_table(store, specs, edges, config, target, options: ProfileOptions,
 # ---------------------------------------------------------------- search
 
 def search(model: nn.Module, data: Any, *, target: str | Target = "ort-x86", lut: str | os.PathLike | ProfileResult,
-           budget: Budget | str | float | None = None, method: Any = "ssps", options: SearchOptions | None = None,
+           budget: Budget | str | float | None = None, method: Any = None, options: SearchOptions | None = None,
            config: MeasureConfig | None = None) -> SearchOutcome:
     """Search bit-widths for the float ``model`` under ``budget`` on ``data``'s splits, priced by the LUT,
     then QAT-fine-tune the plan, quantized as the target's exporter wants
-    (``hwmpq.qmodules.quantize(model, plan, placement=target.placement)``), and measure its test accuracy.
+    (``hwmpq.qmodules.quantize(model, plan, placement=target.placement)``), and measure its test accuracy
+    and top-1 agreement with the float model.
 
     ``method`` is a config (``SSPSConfig(...)``, ``DNASConfig``, ``SAQConfig``, ``NEMOConfig``, ``ILPConfig``,
-    ``UniformConfig``) or a name in :data:`METHODS`, configured from ``options`` as ``hwmpq search`` does.
+    ``UniformConfig``) or a name in :data:`METHODS`, configured from ``options`` as ``hwmpq search`` does;
+    None is ``"ssps"``, or ``"ilp"`` with ``SearchOptions(ptq=True)``. ``ptq`` trains nothing
+    (hwmpq/search/ptq.py): ilp, nemo or uniform choose the plan, whose model is calibrated on
+    ``calibration_batches`` training batches, not fine-tuned; data without labels is accepted then (the
+    float model's predictions serve as the sensitivities' labels; ``test_acc`` is None).
     ``budget`` is a :class:`Budget`, text (``"0.6x"`` of the fp32 plan, ``"0.5range"`` from the fastest plan
     to fp32, ``"2.5ms"``) or a number of ms; a uniform baseline needs none. ``lut`` is a LUT path or a
     :class:`ProfileResult`; entries it lacks are profiled first (``SearchOptions.profile_missing``).
@@ -373,7 +382,8 @@ def search(model: nn.Module, data: Any, *, target: str | Target = "ort-x86", lut
     opts = options or SearchOptions()
     if isinstance(lut, ProfileResult):
         config, lut = config or lut.config, lut.lut
-    strategy = _method_config(method, opts)
+    strategy = _method_config(("ilp" if opts.ptq else "ssps") if method is None else method, opts)
+    _check_ptq(strategy, opts)
     _check_budget(budget, strategy)
     _require_float(model, "search")
     splits = as_splits(data, seed=opts.seed)
@@ -382,7 +392,8 @@ def search(model: nn.Module, data: Any, *, target: str | Target = "ort-x86", lut
     from .data import require_labels
     from .search.base import check_channels
 
-    require_labels(splits, "search")
+    if not opts.ptq:
+        require_labels(splits, "a search without ptq (it trains)")
     check_channels(model, splits.input_shape)
     model = copy.deepcopy(model).eval()  # the caller's model keeps its weights and mode
     x = torch.zeros(1, *splits.input_shape)
@@ -411,6 +422,17 @@ def _method_config(method: Any, opts: SearchOptions) -> Any:
     if method.strip().lower() in ("nemo", "ilp"):
         strategy = replace(strategy, out_dir=opts.out_dir)
     return strategy
+
+
+def _check_ptq(strategy: Any, opts: SearchOptions) -> None:
+    """With ``opts.ptq``: refuse a method or an option that trains, before any work."""
+    if not opts.ptq:
+        return
+    from .search.ptq import check_ptq, strategy_name
+
+    qat = asdict(opts.qat) if opts.qat is not None else {}
+    check_ptq(strategy_name(strategy), qat=qat, finetune_epochs=opts.finetune_epochs or 0,
+              calibration_batches=opts.calibration_batches)
 
 
 def _is_uniform(strategy: Any) -> bool:
@@ -478,22 +500,26 @@ def _search_table(model: nn.Module, x: torch.Tensor, target: Target, lut: str | 
 
 def _search_and_tune(model, splits, x, target, table, budget, strategy, config, opts: SearchOptions,
                      lut) -> SearchOutcome:
-    """run_search, then the loop's fine-tune (hwmpq/search/loop.py) and the test accuracy."""
+    """run_search (on the float model's labels for unlabelled data under ptq), then the loop's fine-tune
+    (hwmpq/search/loop.py; calibration only under ptq), the test accuracy and the agreement."""
     from .search.base import SearchInputs, run_search
     from .search.loop import Context, LoopConfig, _log, fine_tune
-    from .train import evaluate
+    from .search.ptq import predictions, scores_on_test, search_splits
 
-    inputs = SearchInputs(model, splits, table, budget, x, seed=opts.seed, progress=opts.progress, log=_log)
+    searched = search_splits(splits, model, _log) if opts.ptq else splits
+    inputs = SearchInputs(model, searched, table, budget, x, seed=opts.seed, progress=opts.progress, log=_log)
     result = run_search(inputs, strategy)
     tune = LoopConfig(finetune_epochs=opts.finetune_epochs, finetune_lr=opts.finetune_lr,
                       finetune_limit_batches=opts.finetune_limit_batches, batch_size=opts.batch_size,
-                      qat=asdict(opts.qat) if opts.qat is not None else {}, seed=opts.seed, progress=opts.progress)
+                      qat=asdict(opts.qat) if opts.qat is not None else {}, ptq=opts.ptq,
+                      calibration_batches=opts.calibration_batches, seed=opts.seed, progress=opts.progress)
     ctx = Context(splits, model, x, target, table, budget, config, float_acc=math.nan)
     tuned = fine_tune(ctx, tune, result)
-    acc = evaluate(tuned, splits.loader("test", batch_size=512))
+    float_top1, _ = predictions(model, splits.loader("test", batch_size=512))
+    acc, agreement = scores_on_test(tuned, splits, float_top1)
     return SearchOutcome(plan=result.plan, model=tuned, predicted_ms=result.predicted_ms,
                          predicted_mj=result.predicted_mj, test_acc=acc, budget=budget, table=table, result=result,
-                         lut=os.fspath(lut), target=target.id)
+                         lut=os.fspath(lut), target=target.id, agreement=agreement)
 
 
 # ---------------------------------------------------------------- export

@@ -202,3 +202,23 @@ def test_a_float_stem_is_quantized_before_its_max_pool(tmp_path):
     assert opt["QLinearAdd"] == 8 and opt["QuantizeLinear"] == 1 and opt["DequantizeLinear"] == 1, opt
     agree, diff, scale = _agreement(q, res.artifact, x)
     assert agree == 1.0 and diff < 0.05 * scale, (agree, diff, scale)
+
+
+class _SamePadConv(nn.Conv2d):
+    """A conv that pads in its own forward (TensorFlow "SAME", as EfficientNet ports write it)."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+def test_a_float_conv_subclass_stays_a_layer_of_the_quantized_model():
+    from hwmpq.qmodules import float_view
+
+    model = nn.Sequential(_SamePadConv(3, 8, 2), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 12 * 12, 4)).eval()
+    x = torch.randn(4, 3, 12, 12)
+    fqns = [s.fqn for s in analyse(model, x[:1])[0]]
+    for first in (FP32, W8A8):
+        plan = BitPlan(tuple((f, first if f == "0" else W8A8) for f in fqns))
+        q = _quantized(model, plan, x)
+        assert [s.fqn for s in analyse(float_view(q), x[:1])[0]] == fqns

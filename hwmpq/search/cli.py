@@ -6,13 +6,16 @@ from typing import Annotated
 
 import typer
 
+from hwmpq.cli_core import DATA_HELP
+
 Opt = typer.Option
 
 
 def search_command(
-    method: Annotated[str, Opt(help="dnas | ssps | saq | nemo | ilp | uniform")] = "ssps",
+    method: Annotated[str | None, Opt(help="dnas | ssps | saq | nemo | ilp | uniform (default ssps; --ptq: ilp)")] = None,
     model: Annotated[str, Opt(help="zoo name or path/to/file.py:factory")] = "resnet20",
-    data: Annotated[str, Opt(help="fashion-mnist | digits")] = "fashion-mnist",
+    num_classes: Annotated[int | None, Opt(help="classes of a zoo model (default: the data's; unlabelled: 10)")] = None,
+    data: Annotated[str, Opt(help=DATA_HELP)] = "fashion-mnist",
     target: Annotated[str, Opt(help="ort-x86 | tvm:PRESET | fake")] = "ort-x86",
     lut: Annotated[str | None, Opt(help="LUT file profiled for this model's layers at the data's input shape")] = None,
     budget: Annotated[str | None, Opt(help="0.6x (of the fp32 plan's LUT latency), 0.5range (fastest..fp32) or ms")] = None,
@@ -36,13 +39,17 @@ def search_command(
     fix_every: Annotated[int | None, Opt(help="SSPS: architecture steps between fixings")] = None,
     certainty: Annotated[str, Opt(help="SSPS: maxprob | entropy")] = "maxprob",
     checkpoint: Annotated[str | None, Opt(help="supernet checkpoint (kept at the last good epoch)")] = None,
-    finetune_epochs: Annotated[int, Opt(help="QAT epochs after the search")] = 1,
+    finetune_epochs: Annotated[int | None, Opt(help="QAT epochs after the search (default 1; --ptq: 0)")] = None,
     finetune_lr: Annotated[float, Opt(help="QAT learning rate (SGD; 0.01 wrecks LSQ step sizes)")] = 0.001,
     finetune_limit_batches: Annotated[int | None, Opt(help="QAT batches per epoch")] = None,
     sam: Annotated[bool, Opt(help="QAT with sharpness-aware minimisation")] = False,
     rho: Annotated[float, Opt(help="SAM radius")] = 0.05,
     stat_assist: Annotated[bool, Opt(help="FrostNet StatAssist")] = False,
     grad_boost: Annotated[bool, Opt(help="FrostNet GradBoost")] = False,
+    ptq: Annotated[bool, Opt(help="post-training: train nothing; the plan from per-layer sensitivity (ilp) or "
+                                  "a proxy (nemo) under the LUT budget, calibrated, not fine-tuned; for "
+                                  "pretrained networks and unlabelled data")] = False,
+    calibration_batches: Annotated[int, Opt(help="--ptq: training batches each plan is calibrated on")] = 4,
     profile_missing: Annotated[bool, Opt(help="measure LUT entries the model needs and the LUT lacks")] = False,
     force_lut: Annotated[bool, Opt(help="use a LUT of another device knowingly")] = False,
     warmup: Annotated[int, Opt(help="MeasureConfig warmup (as the LUT was profiled)")] = 30,
@@ -55,10 +62,15 @@ def search_command(
 ) -> None:
     """Search bit-widths under a budget, QAT-fine-tune the plan, export it, measure it, print the table.
 
+    --ptq trains nothing (no pre-training, supernet or fine-tune): the plan's model is the float model
+    quantized and calibrated, and the table gives test accuracy (labelled data) and top-1 agreement with the
+    float model. Unlabelled data: the float model's own predictions serve as the sensitivities' labels.
+
     Runs under torchrun too (supernet training with DDP, gloo): torchrun --nproc_per_node 2 -m hwmpq.search.ddp ...
     """
     from .loop import LoopConfig, run_loop
 
+    method = method or ("ilp" if ptq else "ssps")
     search = {"epochs": epochs, "warmup_epochs": warmup_epochs, "limit_batches": limit_batches,
               "batch_size": search_batch_size, "cost_loss": cost_loss, "lam": lam, "a_lr": a_lr, "w_lr": w_lr,
               "checkpoint": checkpoint}
@@ -66,14 +78,15 @@ def search_command(
         search.update(fix_every=fix_every, certainty=certainty)
     qat = {k: v for k, v in {"sam": sam, "rho": rho, "stat_assist": stat_assist, "grad_boost": grad_boost}.items()
            if v} if (sam or stat_assist or grad_boost) else {}
-    cfg = LoopConfig(method=method, model=model, data=data, data_limit=data_limit, weights=weights,
-                     pretrain_epochs=pretrain_epochs, target=target, threads=threads, lut=lut,
+    cfg = LoopConfig(method=method, model=model, num_classes=num_classes, data=data, data_limit=data_limit,
+                     weights=weights, pretrain_epochs=pretrain_epochs, target=target, threads=threads, lut=lut,
                      profile_missing=profile_missing, force_lut=force_lut, warmup=warmup, repeat=repeat, budget=budget,
                      budget_ms=budget_ms, budget_mj=budget_mj, bits=bits, search=search,
                      candidates=tuple(c for c in (candidates or "").split(",") if c),
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
                      finetune_limit_batches=finetune_limit_batches, qat=qat, out=out, export_dir=export,
-                     baselines=tuple(baseline or ()), ray=ray, seed=seed, progress=not quiet)
+                     baselines=tuple(baseline or ()), ptq=ptq, calibration_batches=calibration_batches, ray=ray,
+                     seed=seed, progress=not quiet)
     _run(run_loop, cfg)
 
 

@@ -1,6 +1,8 @@
 """The closed loop: data and model -> LUT (profiling missing entries if asked) -> search under the budget ->
 QAT fine-tune from the search's weights -> export to the target -> measure -> one table of budget,
-predicted and measured latency, and accuracy. ``hwmpq search`` and ``hwmpq demo`` are thin shells over it.
+predicted and measured latency, test accuracy and top-1 agreement with the float model. ``hwmpq search``
+and ``hwmpq demo`` are thin shells over it. With ``ptq`` (``--ptq``, hwmpq/search/ptq.py) nothing is
+trained: the plan's model is the float model quantized and calibrated.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class LoopConfig:
     method: str = "ssps"  # dnas | ssps | saq | nemo | ilp | uniform
     ray: str | None = None  # nemo/ilp: Ray address for candidate evaluations (None: local process pool)
     model: str = "resnet20"
+    num_classes: int | None = None  # classes of a zoo model; None: the data's (unlabelled data: 10)
     data: str = "fashion-mnist"
     data_limit: int | None = None  # train images kept (val/test shrink with it); None: all
     weights: str | None = None  # trained float weights (state dict or hwmpq checkpoint)
@@ -44,7 +47,7 @@ class LoopConfig:
     bits: str = "8"  # uniform: the precision (8, w4a8, fp32, ...)
     candidates: tuple[str, ...] = ()  # restrict the search to these precisions (e.g. fp32, w8a8); () = all
     search: dict[str, Any] = field(default_factory=dict)  # DNASConfig / SSPSConfig fields
-    finetune_epochs: int = 1
+    finetune_epochs: int | None = None  # None: 1, or 0 with ptq
     finetune_lr: float = 0.001  # SGD; 0.01 wrecks LSQ step sizes of a BN-folded model within a few steps
     finetune_limit_batches: int | None = None
     batch_size: int = 128
@@ -52,8 +55,14 @@ class LoopConfig:
     out: str = "plan.json"
     export_dir: str | None = None
     baselines: tuple[str, ...] = ()  # extra uniform rows through the same path, e.g. ("fp32", "8")
+    ptq: bool = False  # post-training: no training anywhere; plans are calibrated, not fine-tuned (ptq.py)
+    calibration_batches: int = 4  # ptq: training batches the plan's quantizers are calibrated on
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.finetune_epochs is None:
+            self.finetune_epochs = 0 if self.ptq else 1
 
 
 @dataclass
@@ -65,7 +74,9 @@ class Context:
     table: Any
     budget: Budget
     measure: MeasureConfig
-    float_acc: float
+    float_acc: float | None  # None: unlabelled data
+    float_top1: torch.Tensor | None = None  # the float model's test-split predictions (for the agreement)
+    search_splits: Any = None  # what the search reads, when not ``splits`` (ptq on unlabelled data)
 
 
 def _log(msg: str) -> None:
@@ -76,14 +87,17 @@ def _log(msg: str) -> None:
 
 
 def load_data_and_model(cfg: LoopConfig):
-    from hwmpq.data import load_dataset
+    from hwmpq.data import load_dataset, require_labels
     from hwmpq.modelspec import load_model
 
     kw = {"seed": cfg.seed}
     if cfg.data_limit is not None and cfg.data == "fashion-mnist":
         kw["limit"] = cfg.data_limit
     splits = load_dataset(cfg.data, **kw)
-    model = load_model(cfg.model, num_classes=splits.num_classes, in_chans=splits.input_shape[0], weights=cfg.weights)
+    if not cfg.ptq:
+        require_labels(splits, "a search without --ptq (it trains)")
+    classes = cfg.num_classes or splits.num_classes or 10
+    model = load_model(cfg.model, num_classes=classes, in_chans=splits.input_shape[0], weights=cfg.weights)
     check_channels(model, splits.input_shape)
     if cfg.weights is None and cfg.pretrain_epochs > 0:
         from hwmpq.train import fit
@@ -156,10 +170,15 @@ def restrict_candidates(table, labels: tuple[str, ...]):
 
 def prepare(cfg: LoopConfig) -> Context:
     from hwmpq.targets import get_target
-    from hwmpq.train import evaluate
 
     from .budget import cheapest_plan, check_feasible, parse_budget
+    from .ptq import accuracy, check_ptq, predictions, search_splits
 
+    if cfg.ptq:
+        check_ptq(cfg.method, qat=cfg.qat, finetune_epochs=cfg.finetune_epochs, pretrain_epochs=cfg.pretrain_epochs,
+                  calibration_batches=cfg.calibration_batches)
+        _log(f"post-training (--ptq): nothing is trained; each plan is quantized and calibrated on "
+             f"{cfg.calibration_batches} training batch(es)")
     splits, model, x = load_data_and_model(cfg)
     target = get_target(cfg.target, threads=cfg.threads)
     measure = MeasureConfig(warmup=cfg.warmup, repeat=cfg.repeat, threads=cfg.threads)
@@ -175,8 +194,10 @@ def prepare(cfg: LoopConfig) -> Context:
              "dominated by timing noise (layers too small for this MeasureConfig); raise --repeat when profiling")
     if cfg.method != "uniform":
         check_feasible(table, budget)  # refused before any training
-    float_acc = evaluate(model, splits.loader("test", batch_size=512))
-    return Context(splits, model, x, target, table, budget, measure, float_acc)
+    float_top1, labels = predictions(model, splits.loader("test", batch_size=512))
+    float_acc = accuracy(float_top1, labels)
+    searched = search_splits(splits, model, _log) if cfg.ptq else splits
+    return Context(splits, model, x, target, table, budget, measure, float_acc, float_top1, searched)
 
 
 def method_config(cfg: LoopConfig, method: str, bits: str | None = None):
@@ -234,11 +255,17 @@ def _stat_assist(cfg: LoopConfig, ctx: Context, model: nn.Module) -> bool:
 
 
 def fine_tune(ctx: Context, cfg: LoopConfig, result: SearchResult) -> nn.Module:
-    """QAT of the plan, starting from the search's weights and quantizer scales when it has them."""
+    """QAT of the plan, starting from the search's weights and quantizer scales when it has them; with
+    ``cfg.ptq`` calibration only: the float model quantized by the plan, calibrated, not trained."""
     from hwmpq.qmodules import placement_of
     from hwmpq.train import fit, prepare_qat
 
+    from .ptq import calibrated
+
     plan = result.plan
+    if cfg.ptq:
+        return calibrated(ctx.model, plan, ctx.splits, ctx.target.placement, batches=cfg.calibration_batches,
+                          batch_size=cfg.batch_size, seed=cfg.seed)
     wants_quant = any(not p.is_float for _, p in plan.layers)
     placement = ctx.target.placement
     found = placement_of(result.model) if result.model is not None else None
@@ -262,11 +289,13 @@ def fine_tune(ctx: Context, cfg: LoopConfig, result: SearchResult) -> nn.Module:
     return model.eval()
 
 
-def export_row(ctx: Context, model: nn.Module, result: SearchResult, out_dir: Path, acc: float):
+def export_row(ctx: Context, model: nn.Module, result: SearchResult, out_dir: Path, acc: float | None,
+               agreement: float | None = None):
     """The row's deployable export (None if the target cannot export whole models); timed later, with the
     other rows' exports (:func:`measure_together`)."""
     extra = {"budget_ms": ctx.budget.latency_ms, "budget_mj": ctx.budget.energy_mj,
-             "predicted_ms": result.predicted_ms, "predicted_mj": result.predicted_mj, "test_acc": acc}
+             "predicted_ms": result.predicted_ms, "predicted_mj": result.predicted_mj, "test_acc": acc,
+             "agreement": agreement}
     if not hasattr(ctx.target, "export"):
         _log(f"[yellow]note[/]: target {ctx.target.id} cannot export whole models; not measured")
         return None
@@ -294,12 +323,13 @@ def measure_together(ctx: Context, cfg: LoopConfig, rows: list[dict[str, Any]], 
 
 
 def run_row(ctx: Context, cfg: LoopConfig, method: str, bits: str | None, out: Path) -> tuple[Any, dict[str, Any]]:
-    """Search (or uniform plan), fine-tune, evaluate, export: the export (or None) and one row of the final
-    table, its ``measured_ms`` left for :func:`measure_together`."""
-    from hwmpq.train import evaluate
+    """Search (or uniform plan), fine-tune (calibrate, with ptq), evaluate, export: the export (or None) and
+    one row of the final table, its ``measured_ms`` left for :func:`measure_together`."""
+    from .ptq import scores_on_test
 
     mcfg = method_config(cfg, method, bits)
-    inputs = SearchInputs(ctx.model, ctx.splits, ctx.table, ctx.budget, ctx.example_input, seed=cfg.seed,
+    splits = ctx.splits if ctx.search_splits is None else ctx.search_splits
+    inputs = SearchInputs(ctx.model, splits, ctx.table, ctx.budget, ctx.example_input, seed=cfg.seed,
                           progress=cfg.progress, log=_log)
     t0 = time.perf_counter()
     result = run_search(inputs, mcfg)
@@ -310,13 +340,23 @@ def run_row(ctx: Context, cfg: LoopConfig, method: str, bits: str | None, out: P
     save_plan(result.plan, out)
     atomic_write_text(out.with_suffix(".trace.json"), to_json(result.trace) + "\n")
     model = fine_tune(ctx, cfg, result)
-    acc = evaluate(model, ctx.splits.loader("test", batch_size=512))
-    exported = export_row(ctx, model, result, out.parent / f"{out.stem}_export", acc)
+    acc, agreement = scores_on_test(model, ctx.splits, _float_top1(ctx))
+    exported = export_row(ctx, model, result, out.parent / f"{out.stem}_export", acc, agreement)
     return exported, {
         "method": label, "budget_ms": ctx.budget.latency_ms, "budget_mj": ctx.budget.energy_mj,
         "predicted_ms": result.predicted_ms, "predicted_mj": result.predicted_mj, "measured_ms": None,
-        "test_acc": acc, "search_s": search_s, "repaired": result.repaired, "plan": str(out), "notes": result.notes,
+        "test_acc": acc, "agreement": agreement, "search_s": search_s, "repaired": result.repaired, "plan": str(out),
+        "notes": result.notes,
         "bits": {p.label: sum(1 for _, q in result.plan.layers if q == p) for _, p in result.plan.layers}}
+
+
+def _float_top1(ctx: Context) -> torch.Tensor:
+    """The float model's test-split predictions, made once per context."""
+    if ctx.float_top1 is None:
+        from .ptq import predictions
+
+        ctx.float_top1 = predictions(ctx.model, ctx.splits.loader("test", batch_size=512))[0]
+    return ctx.float_top1
 
 
 def run_loop(cfg: LoopConfig) -> list[dict[str, Any]]:
@@ -358,11 +398,13 @@ def print_table(rows: list[dict[str, Any]], ctx: Context, cfg: LoopConfig) -> No
     from rich.table import Table
 
     b = ctx.budget
-    title = (f"{cfg.model} on {cfg.data}, {ctx.target.id}; budget "
-             + (f"{b.latency_ms:.4g} ms" if b.latency_ms is not None else "") +
-             (f" {b.energy_mj:.4g} mJ" if b.energy_mj is not None else "") + f"; float test acc {ctx.float_acc:.4f}")
+    acc = (f"float test acc {ctx.float_acc:.4f}" if ctx.float_acc is not None
+           else "unlabelled data: no accuracy, agreement only")
+    title = (f"{cfg.model} on {cfg.data}, {ctx.target.id}" + ("; post-training (--ptq)" if cfg.ptq else "")
+             + "; budget " + (f"{b.latency_ms:.4g} ms" if b.latency_ms is not None else "") +
+             (f" {b.energy_mj:.4g} mJ" if b.energy_mj is not None else "") + f"; {acc}")
     t = Table(title=title)
-    for col in ("method", "budget ms", "predicted ms", "measured ms", "test acc", "search s", "plan"):
+    for col in ("method", "budget ms", "predicted ms", "measured ms", "test acc", "agreement", "search s", "plan"):
         t.add_column(col, justify="left" if col in ("method", "plan") else "right")
 
     def f(v, fmt):
@@ -371,8 +413,10 @@ def print_table(rows: list[dict[str, Any]], ctx: Context, cfg: LoopConfig) -> No
     for r in rows:
         t.add_row(r["method"] + (" (repaired)" if r.get("repaired") else ""), f(r.get("budget_ms"), ".4g"),
                   f(r.get("predicted_ms"), ".4g"), f(r.get("measured_ms"), ".4g"), f(r.get("test_acc"), ".4f"),
-                  f(r.get("search_s"), ".1f"), " ".join(f"{k}x{v}" for k, v in r.get("bits", {}).items()))
+                  f(r.get("agreement"), ".4f"), f(r.get("search_s"), ".1f"),
+                  " ".join(f"{k}x{v}" for k, v in r.get("bits", {}).items()))
     Console(width=160).print(t)
+    Console().print("agreement: top-1 agreement with the float model on the test split")
     speed = next((r["speed_factor"] for r in rows if r.get("speed_factor")), None)
     if speed is not None:
         Console().print(f"measured: all exports in one interleaved run, the machine at {speed:.2f}x its time "
