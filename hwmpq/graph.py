@@ -48,20 +48,23 @@ def _pair(v) -> tuple[int, int]:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer with every Conv2d/Linear a leaf (a subclass's own forward included, so the layer
-    stays one module call) and stack traces recorded, so errors can name the model's source line."""
+    """torch.fx's tracer with every Conv2d/Linear (and ``leaves``) a leaf (a subclass's own forward
+    included, so the layer stays one module call) and stack traces recorded, so errors and warnings can
+    name the model's source line."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaves: tuple[type, ...] = ()) -> None:
         super().__init__()
+        self.leaves = QUANTIZABLE + tuple(leaves)
         self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QUANTIZABLE) or super().is_leaf_module(m, qualname)
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``model`` as a GraphModule sharing its modules, Conv2d/Linear as leaves."""
-    tracer = _Tracer()
+def trace(model: nn.Module, leaves: tuple[type, ...] = ()) -> fx.GraphModule:
+    """``model`` as a GraphModule sharing its modules, Conv2d/Linear (and ``leaves``, e.g. the quantized
+    layer wrapper) as leaves."""
+    tracer = _Tracer(leaves)
     try:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises many types; the message is what helps

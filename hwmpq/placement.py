@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .graph import describe, trace
 from .quantizers import LSQQuantizer
 
 INTEGER_OP_BITS = 8  # widest activation codes ORT's QLinear ops (Add, Mul, Concat, pools) take
@@ -213,20 +214,6 @@ class _Placer:
                     self.state[node] = _Quantized(st.quantizer, st.bits, None)
 
 
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        what = f"module {node.target!r} ({type(modules[node.target]).__name__})"
-    else:
-        what = f"{node.op.replace('call_', '')} {getattr(node.target, '__name__', node.target)!r} (node {node.name!r})"
-    lines = (node.stack_trace or "").strip().splitlines()
-    files = [i for i, line in enumerate(lines) if line.strip().startswith("File ") and "/torch/" not in line]
-    if not files:
-        return what
-    i = files[-1]
-    source = lines[i + 1].strip() if i + 1 < len(lines) else ""
-    return f"{what} at {lines[i].strip()}: {source}"
-
-
 def float_ops_in_stream(gm: fx.GraphModule) -> list[str]:
     """The ops of a tensor-placed model that compute in float on a quantized tensor, other than float
     layers: ops with no integer kernel (SiLU, Hardswish, sigmoid, a 16-bit add, ...) that split an
@@ -253,32 +240,18 @@ def float_ops_in_stream(gm: fx.GraphModule) -> list[str]:
             continue
         if _relu_kind(node, modules) is not None and any(u in quantized for u in node.users):
             continue
-        found.append(_describe(node, modules))
+        found.append(describe(node, modules))
     return found
 
 
-class _LeafTracer(fx.Tracer):
-    def __init__(self, leaves: tuple[type, ...]) -> None:
-        super().__init__()
-        self.leaves = leaves
-        self.record_stack_traces = True  # so a warning can name the model's source line
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
-
-
-def place_tensor_quantizers(model: nn.Module, is_integer_layer, leaves: tuple[type, ...]) -> tuple[fx.GraphModule, dict[str, str]]:
+def place_tensor_quantizers(model: nn.Module, is_integer_layer,
+                            leaves: tuple[type, ...] = ()) -> tuple[fx.GraphModule, dict[str, str]]:
     """``model`` (layers already wrapped) as a GraphModule sharing its modules, with tensor quantizers
     inserted as ``tensor_quant.q<i>`` (numbered in execution order, so state dicts are stable).
     ``is_integer_layer(node)`` returns the node's Precision when it is an integer layer, else None.
+    Conv2d/Linear and ``leaves`` (the quantized layer wrapper) stay module calls (hwmpq.graph.trace).
     Returns the GraphModule and, per integer layer, the name of its input quantizer."""
-    from .graph import UnsupportedModelError
-
-    try:
-        graph = _LeafTracer(leaves).trace(model)
-    except Exception as e:  # fx raises many types; the message is what helps
-        raise UnsupportedModelError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e})") from e
-    gm = fx.GraphModule(model, graph, class_name=f"Quantized{type(model).__name__}")
+    gm = trace(model, leaves)
     for node in list(gm.graph.nodes):  # folded BatchNorms are Identity: drop them so activations are adjacent
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Identity):
             node.replace_all_uses_with(node.args[0])

@@ -196,8 +196,7 @@ def quantize(model: nn.Module, plan: BitPlan, *, placement: str = "tensor", fold
         m = modules.get(node.target) if node.op == "call_module" else None
         return m.precision if isinstance(m, QuantLayer) and m.precision.a_bits != 32 else None
 
-    # float layers stay modules too (a conv subclass padding in its own forward is not traced into)
-    gm, inputs = place_tensor_quantizers(model, integer_layer, (QuantLayer, nn.Conv2d, nn.Linear))
+    gm, inputs = place_tensor_quantizers(model, integer_layer, (QuantLayer,))
     for fqn, q in inputs.items():
         gm.get_submodule(fqn).set_input_quantizer(gm.tensor_quant[q])
     return gm

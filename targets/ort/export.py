@@ -178,15 +178,14 @@ def insert_qdq(m: onnx.ModelProto, layers: dict[str, LayerQuant], tensors: dict[
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    uses = Counter(i for n in graph.node for i in n.input)
-    uses.update(o.name for o in graph.output)
+    outputs = {o.name for o in graph.output}
     dropped = set()
     for n in graph.node:  # absorbed activations: the marker reads the activation's input instead
         if n.domain == "hwmpq" and n.op_type == "TQ":
             tq = tq_by_index[n.attribute[0].i]
             act = producer.get(n.input[0])
-            if act is not None and act.op_type in ("Relu", "Clip") and uses[act.output[0]] == 1 \
-                    and _absorbed_activation(act, consts, tq):
+            alone = len(consumers[act.output[0]]) == 1 and act.output[0] not in outputs if act is not None else False
+            if alone and act.op_type in ("Relu", "Clip") and _absorbed_activation(act, consts, tq):
                 n.input[0] = act.input[0]
                 dropped.add(id(act))
     by_weight = {n.input[1]: n for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1}
@@ -222,7 +221,7 @@ def insert_qdq(m: onnx.ModelProto, layers: dict[str, LayerQuant], tensors: dict[
             new_nodes.append(n)
             continue
         new_nodes.extend(parts.nodes[start:])
-    new_nodes = _without_dead_nodes(new_nodes, {o.name for o in graph.output})
+    new_nodes = _without_dead_nodes(new_nodes, outputs)
     used = {i for n in new_nodes for i in n.input}
     keep = [t for t in graph.initializer if t.name not in replaced_inits or t.name in used]
     del graph.node[:]
