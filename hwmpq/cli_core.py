@@ -132,7 +132,7 @@ def _load_plan_for(model, example, plan_path: Path):
 
 
 def _qat_options(a: dict):
-    """QATOptions from the flags (hwmpq.qat_options, engineer F's part), or None for plain QAT."""
+    """QATOptions from the flags (hwmpq.qat_options), or None for plain QAT."""
     if not (a["sam"] or a["stat_assist"] or a["grad_boost"]):
         return None
     from .qat_options import QATOptions

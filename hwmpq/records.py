@@ -182,7 +182,7 @@ class MeasureConfig:
 
     ``statistic``: every row keeps its median, p10 and p90; ``p10`` (the default) is quoted because on a
     shared machine the 10th percentile estimates the uncontended latency far more stably than the median
-    (measured in bench/ort/README.md: the spread of LUT prediction errors within one validation run fell
+    (measured with ``lut validate`` here: the spread of LUT prediction errors within one validation run fell
     from 5-8% to 2.5-3.5% on mobilenetv2). It is how rows are read, not how they are measured, so it is
     not part of :attr:`key`."""
 
@@ -220,7 +220,7 @@ class MeasureConfig:
     def per_round(self) -> MeasureConfig:
         """The protocol of one round: ``repeat`` split into ``rounds`` slices (each a fresh session with its
         own warm-up), timed round-robin over many jobs so that a slow spell of a shared machine hits a
-        slice of every job's samples, not all samples of a few jobs. Measured in bench/ort/README.md:
+        slice of every job's samples, not all samples of a few jobs. Measured on this machine:
         two back-to-back single-round profiles of mobilenetv2_050 differed by -38%..+11% per row (5-95%)."""
         rounds = min(self.rounds, self.repeat)
         return dataclasses.replace(self, repeat=-(-self.repeat // rounds), rounds=1)

@@ -3,7 +3,7 @@ latency model adds what the whole model costs a layer beyond its row.
 
 Why: a layer row runs the layer back to back, with its weights, input and code in the core's caches; in
 the whole model every other layer runs between two runs of it. Measured with ORT's node profiler on
-mobilenetv2 @32 fp32 (bench/ort/README.md, "Session 7"; bench_cache_state.py): the projection convs,
+mobilenetv2 @32 fp32 (`git show eac1d54:bench/ort/bench_cache_state.py`): the projection convs,
 which fuse no activation, ran 2-7 us slower in the whole model than alone, and the weight-heavy ones
 about 26 us more per MB of weights (features.17.conv.2, 1.2 MB: 0.124 ms against 0.093); summed over the
 model the kernels took 0.2-0.7 ms (10-35%) longer than alone. That is the size of mobilenetv2's
@@ -17,15 +17,16 @@ where p is not allowed) is exported and run with the node profiler on. Each laye
 the profiler on, as its layer row plus, on a float output, the residual add and activation of its
 output edge (what ORT fuses into a float conv in the whole model, and what the pair chains already
 price). ``rounds`` rounds (6 of 30 runs by default) alternate the whole model and the layers, so a slow
-spell of the machine hits both alike (three repeated measurements on mobilenetv2, bench/ort/README.md
-"Session 7": the summed w4a8 delta spread 0.47-0.54 ms with 6 x 30, 0.16-0.54 with 3 x 60). The model's layer-computing kernels are matched to its layers by input shape and time
+spell of the machine hits both alike (three repeated measurements on mobilenetv2: the summed w4a8 delta
+spread 0.47-0.54 ms with 6 x 30, 0.16-0.54 with 3 x 60). The model's layer-computing kernels are
+matched to its layers by input shape and time
 (:func:`match_kernels`; ORT does not run them in the model's call order); a plan whose kernels cannot be
 matched is skipped, with a warning. Stored: two "kernel" rows per (layer, p), its kernel in
 the model and alone (:func:`kernel_signature`; median, p10 and p90 over all runs).
 
 How it is used: :func:`kernel_deltas` gives, per (layer, p), the median kernel time in the uniform plan
 at p minus alone; ``build_table`` adds it to the layer's row at p (``context=True``, the default, where
-the LUT holds both rows; older LUTs are read as before). The uniform plans are never among ``lut
+the LUT holds both rows; a LUT without kernel rows gives the plain table). The uniform plans are never among ``lut
 validate``'s random plans, which draw every layer's precision at random. A layer in a mixed plan gets
 the delta of the uniform plan of its own precision: an approximation, as the caches a mixed plan leaves
 lie between the uniform plans'.

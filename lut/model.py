@@ -108,7 +108,8 @@ REFERENCE = LayerSpec("speed_reference", "conv", 32, 32, (3, 3), padding=(1, 1),
                       bias=False, macs=32 * 32 * 9 * 16 * 16, params=32 * 32 * 9)
 # The reference stays in L2 and misses most slow spells of the shared L3 and memory, which whole models feel:
 # a 1x1 conv streaming 1 MB in and 1 MB out (beyond the 1 MB L2) follows whole fp32 models' window-to-window
-# times with log correlation +0.89..+0.92 against the reference's +0.78..+0.83 (bench/ort/bench_speed_probes.py).
+# times with log correlation +0.89..+0.92 against the reference's +0.78..+0.83
+# (`git show eac1d54:bench/ort/bench_speed_probes.py`).
 MEMORY_REFERENCE = LayerSpec("speed_reference_memory", "conv", 256, 256, (1, 1), in_hw=(32, 32), out_hw=(32, 32),
                              bias=False, macs=256 * 256 * 32 * 32, params=256 * 256)
 SPEED_PROBES = (REFERENCE, MEMORY_REFERENCE)  # both are profiled into every LUT and gate every comparison
@@ -179,7 +180,7 @@ def transition_matrix(store, edge: Edge, cands, allowed_src, allowed_dst, config
     With stand-in rows S: ``T[a, b] = C(a, b) - S(a) - S(b) + overhead``, so that the isolated rows of
     the two layers plus T reproduce the chain. On a homogeneous edge this is the glue an isolated row
     does not include (int16 DQ/Q: positive) or pays and the chain saves (float NCHWc reorders, which
-    a chain of float convs does once: negative; bench/ort/README.md, "Shared layout changes"), bounded
+    a chain of float convs does once: negative), bounded
     below by ``overhead - S(a)`` (an edge cannot save more than a whole stand-in). A boundary is
     clamped at >= 0: a search optimises against the table, and one chain row timed in a slow spell
     once made a -0.95 ms entry, as large as a whole mobilenetv2_050, and an ILP plan predicted at

@@ -28,7 +28,7 @@ from .fingerprint import describe_difference
 # 2: ort-x86 layer rows and chains price the tensor-placement export (one quantizer per tensor, integer
 # residual adds: targets/ort/layers.py emit_glue); rows of version 1 priced per-layer quantizers
 SCHEMA_VERSION = 2
-# model: a whole uniform plan timed end to end (session 6's in-context factors; read, no longer written);
+# model: a whole uniform plan timed end to end (a kind the schema accepts; hwmpq writes no such rows);
 # kernel: a layer's kernel inside a uniform plan of the model, or alone (lut/context.py)
 KINDS = ("layer", "transition", "overhead", "model", "kernel")
 

@@ -33,7 +33,7 @@ ORT_PRECISIONS = TargetPrecisions(
 
 
 def cpu_details() -> dict[str, str]:
-    """CPU model and the ISA flags that matter for integer kernels (engineer B's fingerprint helper when
+    """CPU model and the ISA flags that matter for integer kernels (the LUT's fingerprint helper when
     present, /proc/cpuinfo otherwise)."""
     try:
         from hwmpq.lut.fingerprint import local_cpu_details
