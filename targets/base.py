@@ -13,11 +13,22 @@ from hwmpq.records import FP32, BuildResult, LayerSpec, MeasureConfig, Precision
 
 @dataclass(frozen=True)
 class TargetPrecisions:
-    """The precisions a target can really run, per op kind (NNCF hardware-setup style: data, not code)."""
+    """The precisions a target can run, per op kind (NNCF hardware-setup style: data, not code).
+
+    ``emulated`` lists the offered precisions the target only emulates (float compute between
+    quantize/dequantize, no integer kernel) for every op kind: they run, but are not faster than float,
+    so a profile can leave them out by default."""
 
     conv: tuple[Precision, ...] = (FP32,)
     dwconv: tuple[Precision, ...] = (FP32,)
     linear: tuple[Precision, ...] = (FP32,)
+    emulated: tuple[Precision, ...] = ()
+
+    def __post_init__(self) -> None:
+        offered = set(self.conv) | set(self.dwconv) | set(self.linear)
+        unknown = [p.label for p in self.emulated if p not in offered]
+        if unknown:
+            raise ValueError(f"emulated precisions {unknown} are not offered for any op kind")
 
     def for_kind(self, kind: str) -> tuple[Precision, ...]:
         if kind not in ("conv", "dwconv", "linear"):
@@ -30,6 +41,11 @@ class TargetPrecisions:
     @property
     def all(self) -> tuple[Precision, ...]:
         return tuple(sorted(set(self.conv) | set(self.dwconv) | set(self.linear)))
+
+    @property
+    def native(self) -> tuple[Precision, ...]:
+        """Every offered precision that runs as a real kernel (``all`` minus ``emulated``)."""
+        return tuple(p for p in self.all if p not in self.emulated)
 
 
 @dataclass(frozen=True)

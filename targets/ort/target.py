@@ -29,6 +29,7 @@ ORT_PRECISIONS = TargetPrecisions(
     conv=(FP32, W8A8, W4A8, W16A16),
     dwconv=(FP32, W8A8, W4A8, W16A16),
     linear=(FP32, W8A8, W4A8, W16A16, W4A32),
+    emulated=(W4A8, W16A16),  # float compute between Q/DQ; linear W4A32 is a real MatMulNBits kernel
 )
 
 
