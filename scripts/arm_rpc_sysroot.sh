@@ -6,6 +6,8 @@
 #                                           # with the sysroot cached it only re-registers binfmt (after a boot)
 #   scripts/arm_rpc_sysroot.sh check        # exit 0 when the sysroot and binfmt are ready
 #   scripts/arm_rpc_sysroot.sh serve PORT   # run the aarch64 RPC server in the foreground
+# A functional check of an exported model without a board: serve 9090, then
+#   hwmpq export --target tvm:arm-a76-dotprod --rpc 127.0.0.1:9090 ...  (runs model.so, checks it against torch)
 # Timings from this server are emulated: never latencies.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

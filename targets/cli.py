@@ -125,7 +125,8 @@ def export_command(
 ) -> None:
     """Write the deployable artifact into OUT with manifest.json: for ort-x86 model.onnx (QDQ with the
     trained scales) and model.opt.onnx; for tvm:PRESET model.so (cross-compiled for the board), verified
-    over --rpc/--tracker against the torch fake-quant model."""
+    over --rpc/--tracker against the torch fake-quant model; a board preset without --rpc/--tracker
+    writes model.so and a manifest marked "verified": false (with the reason) and warns."""
     import warnings
 
     from hwmpq.targets import get_target
@@ -155,6 +156,8 @@ def export_command(
     for w in caught:
         if "did not turn" in str(w.message):
             typer.echo(f"warning: {w.message}", err=True)
+    for note in result.warnings:
+        typer.echo(f"warning: {note}", err=True)
     extra_files = ", ".join(str(p) for p in sorted(Path(out).glob("*.opt.onnx")))
     typer.echo(f"wrote {result.artifact}, {extra_files + ', ' if extra_files else ''}{result.manifest}")
     if "predicted_latency_ms" in extra:

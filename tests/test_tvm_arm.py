@@ -4,7 +4,9 @@ whole exported model run on it and match the integer reference / torch. Function
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +142,56 @@ def test_exported_model_matches_torch_on_aarch64(arm_server, tmp_path):
     res, manifest = _export_tiny(arm_server, tmp_path, "arm-a72", plan)
     assert manifest["verification"]["ok"] and manifest["emulated"], manifest["verification"]
     assert "aarch64" in subprocess.run(["file", res.artifact], capture_output=True, text=True).stdout
+
+
+def _tiny_plan_file(tmp_path: Path) -> tuple[BitPlan, Path]:
+    from hwmpq.records import save_plan
+
+    plan = BitPlan.from_dict({"conv1": W8A8, "conv2": W8A8, "dw": W8A8, "pw": Precision(4, 4), "fc": FP32})
+    save_plan(plan, tmp_path / "plan.json")
+    return plan, tmp_path / "plan.json"
+
+
+@pytest.mark.skipif(subprocess.run(["which", "aarch64-linux-gnu-g++"], capture_output=True).returncode != 0,
+                    reason="no aarch64-linux-gnu-g++ (apt-get install g++-aarch64-linux-gnu)")
+def test_export_without_board_writes_unverified_artifact(tmp_path):
+    """`hwmpq export --target tvm:arm-a76-dotprod` without --rpc/--tracker: a real cross-compile, a
+    manifest marked not verified with the reason, a warning, exit 0."""
+    _, plan_path = _tiny_plan_file(tmp_path)
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "hwmpq", "export", "--model", "test_tiny", "--plan", str(plan_path),
+                          "--out", str(out), "--target", "tvm:arm-a76-dotprod", "--data", "digits"],
+                         capture_output=True, text=True, env={**os.environ, "HWMPQ_TVM_WORK_DIR": str(tmp_path / "w")},
+                         timeout=600)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert "warning: model.so NOT verified: no --rpc/--tracker given" in res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verified"] is False and manifest["verification"].startswith("no --rpc/--tracker given")
+    assert manifest["device"] is None and manifest["emulated"] is None
+    assert manifest["sdot_layers"] == ["conv1", "conv2"] and manifest["integer_layers"][-1] == "pw"
+    info = subprocess.run(["file", str(out / "model.so")], capture_output=True, text=True).stdout
+    assert "aarch64" in info and "ELF" in info
+    assert _sdot_count(str(out / "model.so")) > 0  # the w8a8 convs went through sdot
+
+
+def test_export_without_board_runs_later_on_the_board(arm_server, tmp_path):
+    """The model.so written without a board equals torch's fake-quant output once it reaches one."""
+    from hwmpq.targets.tvm.export import agreement, prepare_model
+
+    from hwmpq.zoo import create_model
+
+    plan, _ = _tiny_plan_file(tmp_path)
+    torch.manual_seed(0)
+    model = create_model("test_tiny").eval()
+    x = torch.randn(1, 1, 8, 8)
+    res = TvmTarget("arm-a76-dotprod", work_dir=str(tmp_path / "w")).export(model, plan, x, str(tmp_path / "o"))
+    assert any("NOT verified" in w for w in res.warnings)
+    qmodel, _ = prepare_model(model, plan, x)
+    with torch.no_grad():
+        ref = qmodel(x).numpy()
+    board = TvmTarget("arm-a76-dotprod", rpc=arm_server, work_dir=str(tmp_path / "w"), timeout_s=600)
+    try:
+        got = R.outputs_remote(board._pool.get(), res.artifact, [x.numpy()])
+    finally:
+        board.close()
+    assert agreement(ref, got, None)["max_abs"] < 1e-5

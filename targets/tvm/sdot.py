@@ -21,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:
     from hwmpq.records import LayerSpec
 
-    from .layers import IntLayerParams
+    from .int_params import IntLayerParams
 
 SDOT = "hwmpq_sdot_4x4_i8i8i32"
 KERNEL_NAME = "sdot-4x4"  # recorded in the device fingerprint and the export manifest
