@@ -1,83 +1,280 @@
-"""Per-layer latency on this machine's CPU: TVM (``tvm:host``) fp32 / int8 / bitserial, untuned and
-optionally MetaSchedule-tuned, beside ONNX Runtime (``ort-x86``) for the same layers; tuning time too.
+"""Tuned ``tvm:host`` beside ONNX Runtime on this CPU, in one run (one thread, one process):
 
-    python bench/tvm/bench_tvm.py --tune-trials 0 --repeat 50 --out bench/tvm/results
+1. per layer: every distinct conv/linear shape of resnet18 @224, TVM int8 (the VNNI dot-product kernel,
+   register tiles tuned, dot_tuning.py) and fp32 (MetaSchedule, ``--trials`` per layer module) beside
+   ORT's layer rows (the session a LUT times) and ORT's kernel alone (its profiler: QLinearConv / Conv),
+   with the tuning seconds; optionally bitserial (``--bitserial``, the cheapest width, on the
+   smallest shapes);
+2. whole model: resnet20 exported for ``tvm:host`` (the same tuning database) and for ``ort-x86`` by
+   the same plans (uniform w8a8, fp32), timed interleaved.
 
-Prints a table and writes CSV + JSON. Timings are medians of ``repeat`` runs in one process; the machine
-is shared, so quote ratios from one run and the p10-p90 spread printed beside each median."""
+    python bench/tvm/bench_tvm.py --trials 8 --work-dir runs/tvm-bench --out bench/tvm/results
+    python bench/tvm/bench_tvm.py --quick --out runs/bench/tvm    # 3 shapes, 4 trials, w8a8 model only
+
+The tuning database lives in ``--work-dir`` (reused by the next run and by the export). Holds
+/tmp/hwmpq_TIMING while it runs (waits for it first) and releases it between phases. Prints a table and
+writes ``layers.csv``, ``model.csv`` and ``results.json`` to ``--out``."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import statistics
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
-from hwmpq.records import FP32, W8A8, LayerSpec, MeasureConfig, Precision, atomic_write_text
+import torch
 
-LAYERS = [
-    LayerSpec("res20.conv16", "conv", 16, 16, (3, 3), (1, 1), (1, 1), in_hw=(32, 32), out_hw=(32, 32)),
-    LayerSpec("res20.conv64", "conv", 64, 64, (3, 3), (1, 1), (1, 1), in_hw=(8, 8), out_hw=(8, 8)),
-    LayerSpec("mbv2.dw32", "dwconv", 32, 32, (3, 3), (1, 1), (1, 1), groups=32, in_hw=(16, 16), out_hw=(16, 16)),
-    LayerSpec("fc", "linear", 256, 64),
-]
-PRECISIONS = [FP32, W8A8, Precision(4, 4), Precision(2, 2)]
+from hwmpq.graph import analyse
+from hwmpq.qmodules import calibrate, quantize
+from hwmpq.records import (
+    FP32,
+    W8A8,
+    BitPlan,
+    LayerSpec,
+    MeasureConfig,
+    Precision,
+    atomic_write_text,
+)
+from hwmpq.zoo import create_model
+
+LOCK = Path("/tmp/hwmpq_TIMING")
 
 
-def _stats(lat: tuple[float, ...] | None) -> dict[str, float | None]:
-    if not lat:
-        return {"median_ms": None, "p10_ms": None, "p90_ms": None}
-    q = statistics.quantiles(lat, n=10) if len(lat) >= 10 else [min(lat)] * 9
-    return {"median_ms": statistics.median(lat), "p10_ms": q[0], "p90_ms": q[-1]}
+class TimingLock:
+    """The shared timing lock, taken per measurement step and given back for ``pause_s`` once it has been
+    held ``hold_s`` in a row (others' tests run in the gap)."""
+
+    def __init__(self, name: str = "tvm-bench", hold_s: float = 20 * 60, pause_s: float = 60) -> None:
+        self.name, self.hold_s, self.pause_s = name, hold_s, pause_s
+        self.since: float | None = None
+
+    @contextmanager
+    def step(self):
+        if self.since is not None and time.time() - self.since > self.hold_s:
+            self.release()
+            time.sleep(self.pause_s)
+        if self.since is None:
+            while LOCK.exists():
+                time.sleep(10)
+            LOCK.write_text(self.name + "\n")
+            self.since = time.time()
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.since is not None:
+            LOCK.unlink(missing_ok=True)
+            self.since = None
 
 
-def measure(target, spec: LayerSpec, prec: Precision, config: MeasureConfig) -> dict:
+def resnet18_layers() -> list[LayerSpec]:
+    """The distinct layer shapes (signatures) of resnet18 @224, in graph order."""
+    model = create_model("resnet18").eval()
+    specs, _ = analyse(model, torch.zeros(1, 3, 224, 224))
+    seen, out = set(), []
+    for s in specs:
+        if s.signature not in seen:
+            seen.add(s.signature)
+            out.append(s)
+    return out
+
+
+def label(s: LayerSpec) -> str:
+    if s.kind == "linear":
+        return f"fc {s.in_channels}->{s.out_channels}"
+    return (f"{s.kernel[0]}x{s.kernel[1]}{'s' + str(s.stride[0]) if s.stride[0] > 1 else ''} "
+            f"{s.in_channels}->{s.out_channels} @{s.in_hw[0]}")
+
+
+def median(lat) -> float | None:
+    return statistics.median(lat) if lat else None
+
+
+def run_tvm(target, spec: LayerSpec, prec: Precision, config: MeasureConfig) -> dict:
     t0 = time.time()
     build = target.build_layer(spec, prec)
     build_s = time.time() - t0
     run = target.run(build, config) if build.error_msg is None else None
     err = build.error_msg or (run.error_msg if run else None)
-    return {"layer": spec.fqn, "target": target.id, "precision": prec.label, "build_s": round(build_s, 2),
-            **_stats(run.latencies_ms if run and run.error_msg is None else None), "error": err}
+    return {"ms": None if err else median(run.latencies_ms), "build_s": round(build_s, 1), "error": err}
+
+
+def run_ort(ort, spec: LayerSpec, prec: Precision, config: MeasureConfig) -> dict:
+    build = ort.build_layer(spec, prec)
+    run = ort.run(build, config)
+    kernels = ort.kernel_samples(build.artifact, config.warmup + config.repeat)
+    kernel_ms = [median(ms[config.warmup:]) for op, _, ms in kernels if op in ("QLinearConv", "Conv", "QGemm", "Gemm",
+                                                                                "MatMulInteger", "QLinearMatMul",
+                                                                                "FusedConv", "MatMul")]
+    return {"ms": median(run.latencies_ms) if not run.error_msg else None,
+            "kernel_ms": sum(kernel_ms) if kernel_ms else None, "error": run.error_msg}
+
+
+def bench_layers(args, specs: list[LayerSpec], lock: TimingLock) -> list[dict]:
+    from hwmpq.targets.ort.target import OrtTarget
+    from hwmpq.targets.tvm.target import TvmTarget
+
+    config = MeasureConfig(warmup=20, repeat=args.repeat, number=3, threads=1)
+    untuned = TvmTarget("host", work_dir=args.work_dir, tune_trials=0)
+    tuned = TvmTarget("host", work_dir=args.work_dir, tune_trials=args.trials)
+    ort = OrtTarget(threads=1)
+    rows = []
+    for k, spec in enumerate(specs):
+        with lock.step():
+            rows.append(bench_layer(args, k, spec, untuned, tuned, ort, config))
+        print(_layer_line(rows[-1]), flush=True)
+    return rows
+
+
+def bench_layer(args, k: int, spec: LayerSpec, untuned, tuned, ort, config: MeasureConfig) -> dict:
+    row = {"layer": label(spec), "signature": spec.signature, "macs_m": round(spec.macs / 1e6, 1)}
+    for name, tgt, prec in (("tvm_int8_untuned", untuned, W8A8), ("tvm_int8", tuned, W8A8),
+                            ("tvm_fp32", tuned, FP32)):
+        r = run_tvm(tgt, spec, prec, config)
+        row[f"{name}_ms"], row[f"{name}_build_s"], row[f"{name}_error"] = r["ms"], r["build_s"], r["error"]
+    if args.bitserial and k < args.bitserial:
+        for name, tgt in (("tvm_w2a2_untuned", untuned), ("tvm_w2a2", tuned)):
+            r = run_tvm(tgt, spec, Precision(2, 2), config)
+            row[f"{name}_ms"], row[f"{name}_build_s"], row[f"{name}_error"] = r["ms"], r["build_s"], r["error"]
+    for prec in (W8A8, FP32):
+        r = run_ort(ort, spec, prec, config)
+        tag = "int8" if prec == W8A8 else "fp32"
+        row[f"ort_{tag}_ms"], row[f"ort_{tag}_kernel_ms"] = r["ms"], r["kernel_ms"]
+    for tag in ("int8", "fp32"):
+        t, o = row[f"tvm_{tag}_ms"], row[f"ort_{tag}_ms"]
+        row[f"ratio_{tag}"] = round(t / o, 3) if t and o else None
+    return row
+
+
+def _fmt(v, nd: int = 3) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+LAYER_HEAD = (f"{'layer':22s} {'MMAC':>6s} | {'int8 untuned':>12s} {'int8 tuned':>10s} {'ort int8':>9s} "
+              f"{'(kernel)':>9s} {'ratio':>6s} | {'fp32 tuned':>10s} {'ort fp32':>9s} {'(kernel)':>9s} "
+              f"{'ratio':>6s} | {'tune s i8/fp':>12s}")
+
+
+def _layer_line(r: dict) -> str:
+    return (f"{r['layer']:22s} {r['macs_m']:6.1f} | {_fmt(r['tvm_int8_untuned_ms']):>12s} {_fmt(r['tvm_int8_ms']):>10s} "
+            f"{_fmt(r['ort_int8_ms']):>9s} {_fmt(r['ort_int8_kernel_ms']):>9s} {_fmt(r['ratio_int8'], 2):>6s} | "
+            f"{_fmt(r['tvm_fp32_ms']):>10s} {_fmt(r['ort_fp32_ms']):>9s} {_fmt(r['ort_fp32_kernel_ms']):>9s} "
+            f"{_fmt(r['ratio_fp32'], 2):>6s} | {r['tvm_int8_build_s']:5.0f}/{r['tvm_fp32_build_s']:<6.0f}"
+            + (f" w2a2 {_fmt(r.get('tvm_w2a2_ms'))}" if "tvm_w2a2_ms" in r else "")
+            + (f"  {r['tvm_fp32_error'] or r['tvm_int8_error']}"[:160] if r["tvm_fp32_error"] or r["tvm_int8_error"]
+               else ""))
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_model("resnet20").eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias, 0.0, 0.1)
+    return model, torch.randn(1, 1, 28, 28)
+
+
+def bench_model(args, lock: TimingLock) -> list[dict]:
+    """resnet20 by uniform plans, exported for tvm:host (tuned database) and ort-x86, timed interleaved."""
+    from hwmpq.targets.ort.target import OrtTarget
+    from hwmpq.targets.tvm.target import TvmTarget
+
+    model, x = _model()
+    specs, _ = analyse(model, x)
+    calib = [x + 0.5 * torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(1))]
+    tvm = TvmTarget("host", work_dir=args.work_dir, tune_trials=args.trials)
+    ort = OrtTarget(threads=1)
+    out = Path(args.work_dir) / "exports"
+    config = MeasureConfig(warmup=20, repeat=max(10, args.repeat // 5), number=5, threads=1)
+    rows = []
+    for plan_name, prec in (("w8a8", W8A8), ("fp32", FP32))[:1 if args.quick else 2]:
+        with lock.step():
+            rows.append(bench_plan(model, x, specs, calib, plan_name, prec, tvm, ort, out, config))
+    return rows
+
+
+def bench_plan(model, x, specs, calib, plan_name: str, prec: Precision, tvm, ort, out: Path,
+               config: MeasureConfig) -> dict:
+    plan = BitPlan.from_dict({s.fqn: prec for s in specs})
+    paths, builds = {}, {}
+    for tgt, placement in ((tvm, "layer"), (ort, "tensor")):
+        q = quantize(copy.deepcopy(model), plan, placement=placement)
+        calibrate(q, calib)
+        t0 = time.time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = tgt.export(q.eval(), plan, x, str(out / f"{tgt.id.replace(':', '-')}-{plan_name}"))
+        builds[tgt.id] = round(time.time() - t0, 1)
+        paths[tgt.id] = res
+    samples = {k: [] for k in paths}
+    for _ in range(5):  # interleaved rounds
+        for tid, res in paths.items():
+            tgt = tvm if tid == tvm.id else ort
+            run = tgt.measure_artifact(res, config)
+            if run.error_msg:
+                raise RuntimeError(f"{tid} {plan_name}: {run.error_msg}")
+            samples[tid].extend(run.latencies_ms)
+    t_ms, o_ms = median(samples[tvm.id]), median(samples[ort.id])
+    row = {"model": "resnet20 @28", "plan": plan_name, "tvm_ms": t_ms, "ort_ms": o_ms,
+           "ratio": round(t_ms / o_ms, 3), "tvm_export_s": builds[tvm.id], "ort_export_s": builds[ort.id]}
+    print(f"{row['model']} {plan_name}: tvm:host {t_ms:.3f} ms, ort-x86 {o_ms:.3f} ms, ratio {row['ratio']:.2f} "
+          f"(export {row['tvm_export_s']} s / {row['ort_export_s']} s)", flush=True)
+    return row
+
+
+def _csv(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    return "\n".join([",".join(cols)] + [",".join("" if r.get(c) is None else str(r[c]).replace(",", ";")
+                                                  for c in cols) for r in rows]) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tune-trials", type=int, default=0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=8, help="tuning trials per layer module (and per dot kernel)")
     ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--work-dir", default="runs/tvm-bench", help="tuning database and built layers")
     ap.add_argument("--out", default="bench/tvm/results")
-    ap.add_argument("--work-dir", default="bench/tvm/work")
+    ap.add_argument("--phase", choices=("layers", "model", "all"), default="all")
+    ap.add_argument("--layers", type=int, default=0, help="only the first N distinct shapes (0: all)")
+    ap.add_argument("--bitserial", type=int, default=0, help="also time w2a2 on the first N shapes")
+    ap.add_argument("--quick", action="store_true", help="a pipeline check: 3 shapes, 4 trials, 10 runs, w8a8 model")
     args = ap.parse_args()
-    from hwmpq.targets import get_target
-
-    config = MeasureConfig(warmup=20, repeat=args.repeat, number=5, threads=1)
-    targets = [get_target("tvm:host", work_dir=args.work_dir)]
-    if args.tune_trials:
-        targets.append(get_target("tvm:host", work_dir=args.work_dir, tune_trials=args.tune_trials))
-    try:
-        targets.append(get_target("ort-x86"))
-    except Exception as e:  # noqa: BLE001 - the ORT target is another engineer's; bench what exists
-        print(f"ort-x86 unavailable: {e}")
-    rows = []
-    for spec in LAYERS:
-        for tgt in targets:
-            for prec in PRECISIONS:
-                if prec not in tgt.precisions.for_layer(spec):
-                    continue
-                row = measure(tgt, spec, prec, config)
-                row["tune_trials"] = getattr(tgt, "tune_trials", 0)
-                rows.append(row)
-                med = f"{row['median_ms']:.4f}" if row["median_ms"] else "-"
-                print(f"{row['layer']:14s} {row['target']:9s} t{row['tune_trials']:<4d} {row['precision']:5s} "
-                      f"median {med:>9s} ms  p10-p90 {row['p10_ms'] or 0:.4f}-{row['p90_ms'] or 0:.4f}  "
-                      f"build {row['build_s']:6.1f}s  {row['error'] or ''}"[:220], flush=True)
+    if args.quick:
+        args.layers, args.trials, args.repeat = args.layers or 3, min(args.trials, 4), min(args.repeat, 10)
+    os.environ.setdefault("TVM_NUM_THREADS", "1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "bench_tvm.json", json.dumps(rows, indent=1))
-    cols = list(rows[0])
-    atomic_write_text(out / "bench_tvm.csv", "\n".join([",".join(cols)] + [
-        ",".join("" if r[c] is None else str(r[c]).replace(",", ";") for c in cols) for r in rows]) + "\n")
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    results.update({"trials": args.trials, "repeat": args.repeat, "time_unix": time.time()})
+    lock = TimingLock()
+    try:
+        _run(args, out, results, lock)
+    finally:
+        lock.release()
+
+
+def _run(args, out: Path, results: dict, lock: TimingLock) -> None:
+    if args.phase in ("layers", "all"):
+        specs = resnet18_layers()
+        specs = specs[:args.layers] if args.layers else specs
+        print(LAYER_HEAD, flush=True)
+        t0 = time.time()
+        results["layers"] = bench_layers(args, specs, lock)
+        results["layers_wall_s"] = round(time.time() - t0, 1)
+        atomic_write_text(out / "layers.csv", _csv(results["layers"]))
+    if args.phase in ("model", "all"):
+        results["model"] = bench_model(args, lock)
+        atomic_write_text(out / "model.csv", _csv(results["model"]))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
