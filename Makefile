@@ -50,7 +50,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py --out runs/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

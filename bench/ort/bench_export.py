@@ -13,6 +13,9 @@ ORT-optimized op histogram (Q/DQ counts) and, for hwmpq's plans, the LUT's predi
 ``--agreement``: resnet20 trained briefly on Fashion-MNIST, QAT w8a8 and a mixed plan, exported;
 top-1 agreement and max logit difference against the torch fake-quant model on 1,000 test images.
 ``--validate N``: ``lut validate`` of each model's LUT with N random fp32/w8a8 plans (``validate_<model>.json``).
+``--quick`` (what ``make bench`` runs): resnet20 @32 only unless ``--models`` is given, 10 runs per LUT row,
+40 whole-model runs in 4 rounds per variant; with ``--agreement``, 1,000 training and 200 test images. Its
+numbers show the script works, not the speeds the README quotes.
 Writes ``bench_export.json``/``.csv`` (and ``agreement.json``) and prints the table.
 """
 
@@ -249,7 +252,7 @@ def write_rows(rows: list[dict], out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {sorted(MODELS)}")
+    ap.add_argument("--models", default=None, help=f"comma-separated, of {sorted(MODELS)} (default: all)")
     ap.add_argument("--out", default="bench/ort/results/export")
     ap.add_argument("--lut-dir", default=None, help="where the LUTs are profiled and resumed (default: --out)")
     ap.add_argument("--threads", type=int, default=1)
@@ -258,11 +261,17 @@ def main() -> None:
     ap.add_argument("--time-rounds", type=int, default=20, help="interleaved rounds they are spread over")
     ap.add_argument("--agreement", action="store_true", help="run the Fashion-MNIST export agreement instead")
     ap.add_argument("--validate", type=int, default=0, help="validate the models' LUTs with N random plans instead")
+    ap.add_argument("--quick", action="store_true", help="a smaller run (resnet20 only, fewer runs): a smoke test")
     args = ap.parse_args()
+    if args.quick:
+        args.models = args.models or "resnet20"
+        args.repeat, args.time_repeat, args.time_rounds = 10, 40, 4
+    args.models = args.models or ",".join(MODELS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.agreement:
-        print(json.dumps(agreement(out), indent=1))
+        sizes = {"n_test": 200, "train_limit": 1000} if args.quick else {}
+        print(json.dumps(agreement(out, **sizes), indent=1))
         return
     unknown = set(args.models.split(",")) - set(MODELS)
     if unknown:

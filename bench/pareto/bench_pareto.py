@@ -13,6 +13,10 @@ Picked plans (per method, per export budget) are exported with the target and me
 end; the plot shows measured latency for those (filled markers) and LUT predictions for the rest
 (hollow). Writes <out>/<model>/{fronts.png, fronts_predicted.png, <method>.json/.csv, summary.json} and
 <out>/summary.csv. Timings are noisy on this shared machine: the load average is recorded.
+
+``--quick`` (what ``make bench`` runs, with ``--models resnet20 --candidates fp32,w8a8``): 2,000 images,
+1 float epoch, NEMO 8 x 1 generation, 3 ILP points, one SSPS budget (2 epochs of 5 batches), a 200-image
+proxy, LUT rows of 20 runs: it shows the script works; its fronts are not the README's.
 """
 
 from __future__ import annotations
@@ -109,11 +113,13 @@ def strategy_front(ctx, config, name: str) -> tuple[list, dict]:
 
 
 def export_measured(ctx, fronts: dict, fractions: list[float], out: Path, proxy: ProxyConfig) -> dict:
-    """Pick per method and budget, export (quantize_ + calibration, as the proxy scored it), then time all
-    picks in ONE interleaved run (``lut.validate.measure_interleaved``), so their latencies are comparable."""
+    """Pick per method and budget, export (quantized in the target's placement, ``Target.placement``: the
+    ORT exporter needs one quantizer per tensor, the proxy scored per-layer quantizers; calibrated on the
+    proxy's images), then time all picks in ONE interleaved run (``lut.validate.measure_interleaved``), so
+    their latencies are comparable."""
     from hwmpq.lut.validate import measure_interleaved
 
-    from hwmpq.qmodules import calibrate, quantize_
+    from hwmpq.qmodules import calibrate, quantize
 
     if not hasattr(ctx.target, "export"):
         _log(f"target {ctx.target.id} cannot export whole models: nothing measured")
@@ -127,7 +133,7 @@ def export_measured(ctx, fronts: dict, fractions: list[float], out: Path, proxy:
             except NoPlanWithinBudget:
                 continue
             if p.plan.layers not in picks:
-                model = quantize_(copy.deepcopy(ctx.model), p.plan)
+                model = quantize(copy.deepcopy(ctx.model), p.plan, placement=ctx.target.placement)
                 calibrate(model, [calib])
                 exp = ctx.target.export(model.eval(), p.plan, ctx.example_input, str(out / f"export_{len(picks)}"))
                 picks[p.plan.layers] = (exp, p.latency_ms, f"{method} @ {f}x")
@@ -259,7 +265,7 @@ def main() -> None:
     a.reuse = {m: tuple(v.split(":", 1)) for m, v in (r.split("=", 1) for r in a.reuse)}
     a.weights = dict(kv.split("=", 1) for kv in a.weights)
     if a.quick:
-        a.pretrain_epochs, a.eval_samples, a.nemo_pop, a.nemo_gens, a.ilp_points = 1, 200, 8, 1, 3
+        a.data_limit, a.pretrain_epochs, a.eval_samples, a.nemo_pop, a.nemo_gens, a.ilp_points = 2000, 1, 200, 8, 1, 3
         a.ssps_budgets, a.ssps_epochs, a.ssps_limit_batches, a.workers = [0.5], 2, 5, 0
         a.warmup, a.repeat = 5, 20
     torch.set_num_threads(1)  # 2 shared cores; worker processes also use 1 thread each

@@ -2,6 +2,11 @@
 searched by SAQ under a measured ORT-x86 LUT latency budget; and SAQ's plan against SSPS's at that budget.
 
     python bench/qat/bench_qat.py --model resnet20 [--seeds 0 1 2] [--plans w4a4 saq] [--ssps]
+    python bench/qat/bench_qat.py --quick --out runs/bench/qat      # a smoke test
+
+``--quick`` (what ``make bench`` runs): seed 0, plans w4a4 and SAQ's, every aid, 1,000 training and 200
+test images, 1 float epoch, 1 QAT epoch of 5 batches, 10 SAQ search steps: it shows the script works; its
+accuracies are not the README's.
 
 Every QAT run starts from the same float model (trained here on the slice, or ``--weights``), so the rows
 differ only in the plan, the aids and the seed. StatAssist adds its float warm-up epoch(s) on top of the QAT
@@ -205,7 +210,11 @@ def main() -> None:
                     "interrupted bench) into <model>_partial_summary.json and print it; no training")
     ap.add_argument("--measure-plans", action="store_true", help="export the searched plans in --out (with "
                     "--weights) and time them against fp32 and w8a8 in one interleaved run; no training")
+    ap.add_argument("--quick", action="store_true", help="tiny settings (see above): a smoke run of the script")
     a = ap.parse_args()
+    if a.quick:
+        a.seeds, a.plans, a.ssps, a.train_images, a.test_images = [0], ["w4a4", "saq"], False, 1000, 200
+        a.float_epochs, a.qat_epochs, a.qat_batches, a.search_steps = 1, 1, 5, 10
     if a.measure_plans:
         measure_plans(a)
         return

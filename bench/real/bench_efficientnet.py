@@ -12,6 +12,10 @@ of fp32, uniform w8a8 (calibrated) and the searched plan (``hwmpq.export``), and
 of the fp32 file; all four timed in one interleaved run; top-1 against the photographs' ImageNet labels
 and agreement with fp32. Calibration uses random crops of scikit-learn's two sample photographs, never
 the 20 evaluated ones. Writes ``bench_efficientnet.json`` and prints a table.
+
+``--quick`` (what ``make bench`` runs): LUT rows of 10 runs, 40 whole-model runs in 4 rounds, and a
+cheaper ILP (2 Hutchinson samples on 1 batch of 8, 3 sweep points, a proxy on 8 images): it shows the
+script works; its plan and times are not the README's.
 """
 
 from __future__ import annotations
@@ -108,7 +112,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30, help="timed runs per LUT row")
     ap.add_argument("--time-repeat", type=int, default=200)
     ap.add_argument("--time-rounds", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="fewer runs and a cheaper ILP (see above): a smoke test")
     args = ap.parse_args()
+    method = "ilp"
+    if args.quick:
+        from hwmpq.search.evaluate_pool import ProxyConfig
+        from hwmpq.search.ilp import ILPConfig
+
+        args.repeat, args.time_repeat, args.time_rounds = 10, 40, 4
+        method = ILPConfig(hutchinson_samples=2, batches=1, batch_size=8, sweep_points=3,
+                           proxy=ProxyConfig(calib_samples=8, eval_samples=8, batch_size=8))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_model()
@@ -133,7 +146,7 @@ def main() -> None:
     fp32 = lut.table.predict(BitPlan.uniform(fqns, FP32))[0]
     budget_ms = (w8a8 + fp32) / 2
     t0 = time.perf_counter()
-    found = hwmpq.search(model, data, target=target, lut=lut, budget=budget_ms, method="ilp",
+    found = hwmpq.search(model, data, target=target, lut=lut, budget=budget_ms, method=method,
                          options=hwmpq.SearchOptions(ptq=True, progress=False), config=config)
     search_s = time.perf_counter() - t0
     plans = {"fp32": BitPlan.uniform(fqns, FP32), "hwmpq_w8a8": BitPlan.uniform(fqns, W8A8), "hwmpq_ptq_search": found.plan}

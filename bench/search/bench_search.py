@@ -7,7 +7,12 @@ Pareto plot (measured latency vs test accuracy) and prints the table.
 
     python bench/search/bench_search.py --models resnet20,mobilenetv2 --budgets 5          # the full bench
     python bench/search/bench_search.py --models resnet20 --budgets 3 --train-images 3000 \\
-        --search-epochs 2 --finetune-epochs 1 --limit-batches 15                          # a quick one
+        --search-epochs 2 --finetune-epochs 1 --limit-batches 15                          # a shorter one
+    python bench/search/bench_search.py --quick --out runs/bench/search                  # a smoke test
+
+``--quick`` (what ``make bench`` runs): resnet20 only, fp32/w8a8 candidates, 1 budget, 1,000 training
+images, 1 float, 2 search and 1 fine-tune epoch of 5 batches, LUT rows of 20 runs, the final
+re-measurement in 2 rounds. Its numbers show the loop works end to end, not the results the README quotes.
 
 Latencies: every export is timed in the loop, then all exports are timed again in ONE interleaved run at
 the end (``--rounds`` slices of ``--repeat``; ``measured_ms``, ``x_fp32_measured``; the loop's own value is
@@ -205,7 +210,12 @@ def main() -> None:
                    "the merged table to --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/search/results")
+    p.add_argument("--quick", action="store_true", help="tiny settings (see above): a smoke run of the script")
     args = p.parse_args()
+    if args.quick:
+        args.models, args.candidates, args.budgets, args.train_images = "resnet20", "fp32,w8a8", 1, 1000
+        args.pretrain_epochs, args.search_epochs, args.finetune_epochs, args.limit_batches = 1, 2, 1, 5
+        args.warmup, args.repeat, args.rounds = 5, 20, 2
     import torch
 
     torch.set_num_threads(args.torch_threads)
