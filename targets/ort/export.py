@@ -238,7 +238,7 @@ def insert_qdq(m: onnx.ModelProto, layers: dict[str, LayerQuant], tensors: dict[
 
 
 def _without_dead_nodes(nodes: list, outputs: set[str]) -> list:
-    """``nodes`` without those whose outputs nothing reads (the DQ a rewritten max pool no longer reads)."""
+    """``nodes`` without those whose outputs nothing reads (the DQ a rewritten max pool leaves without a reader)."""
     while True:
         read = {i for n in nodes for i in n.input} | outputs
         alive = [n for n in nodes if any(o in read for o in n.output)]
