@@ -390,7 +390,7 @@ def search(model: nn.Module, data: Any, *, target: str | Target = "ort-x86", lut
     import torch
 
     from .data import require_labels
-    from .search.base import check_channels
+    from .modelspec import check_channels
 
     if not opts.ptq:
         require_labels(splits, "a search without ptq (it trains)")
@@ -660,15 +660,18 @@ def _as_export(artifact: Any) -> ExportResult:
 
 
 def _timing(run, exported: ExportResult, target_id: str, config: MeasureConfig) -> Timing:
-    import numpy as np
+    from .latency_stats import summarize
 
     if run.error_msg or not run.latencies_ms:
         raise RuntimeError(f"measuring {exported.artifact} on {target_id} failed: "
                            f"{run.error_msg or 'no latencies returned'}")
-    lat = np.asarray(run.latencies_ms, dtype=float)
-    p10, med, p90 = (float(v) for v in np.percentile(lat, [10, 50, 90]))
-    return Timing(median_ms=med, p10_ms=p10, p90_ms=p90, n=int(lat.size), latencies_ms=tuple(map(float, lat)),
-                  artifact=exported.artifact, target=target_id, config=config)
+    try:
+        st = summarize(run.latencies_ms)
+    except ValueError as e:
+        raise RuntimeError(f"measuring {exported.artifact} on {target_id} failed: {e}") from None
+    return Timing(median_ms=st.median_ms, p10_ms=st.p10_ms, p90_ms=st.p90_ms, n=st.n,
+                  latencies_ms=tuple(float(v) for v in run.latencies_ms), artifact=exported.artifact,
+                  target=target_id, config=config)
 
 
 __all__ = ["METHODS", "ProfileOptions", "ProfileResult", "ProfileStopped", "SearchOptions", "SearchOutcome",

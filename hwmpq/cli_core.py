@@ -66,26 +66,6 @@ def zoo_list(pattern: str = typer.Argument("*", help="glob over model names, e.g
         typer.echo(f"{name:<20} {','.join(map(str, default_input_shape(name)))}")
 
 
-def build_model(model: str, input_shape: str | None, weights: str | None = None,
-                num_classes: int = 10):
-    """(model, example input) from the --model/--input-shape/--weights options shared by commands."""
-    import torch
-
-    from .modelspec import ModelLoadError, default_shape, load_model, parse_input_shape
-
-    shape = parse_input_shape(input_shape)
-    if shape is None:
-        if ":" in model or "/" in model or model.endswith(".py"):
-            raise ModelLoadError(f"--model {model!r} is a file model: give --input-shape N,C,H,W")
-        shape = default_shape(model)
-        if shape is None:  # not a zoo name: let the zoo say so and list the known ones
-            from .zoo.registry import default_input_shape
-
-            shape = default_input_shape(model)
-    m = load_model(model, num_classes=num_classes, in_chans=shape[1], weights=weights)
-    return m, torch.zeros(shape)
-
-
 def graph(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
           input_shape: Optional[str] = typer.Option(None, "--input-shape", help=SHAPE_HELP),  # noqa: UP045
           weights: Optional[str] = typer.Option(None, "--weights", help="state dict to load (weights only)"),  # noqa: UP045
@@ -96,10 +76,11 @@ def graph(model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     from rich.table import Table
 
     from .graph import layer_graph
+    from .modelspec import load_model_and_input
     from .records import atomic_write_text, to_json
 
     try:
-        m, x = build_model(model, input_shape, weights)
+        m, x = load_model_and_input(model, input_shape, weights)
         specs = layer_graph(m, x)
     except _user_errors() as e:
         _fail(str(e))
@@ -198,32 +179,31 @@ def _train(a: dict, lr: float) -> dict:
     import torch
 
     from .data import load_data, require_labels
-    from .modelspec import load_model
-    from .search.base import check_channels
-    from .train import evaluate, fit, prepare_qat, save_weights
+    from .modelspec import load_model_for_data, load_weights, load_weights_for_plan
+    from .train import evaluate, fit, save_weights
 
     t0 = time.perf_counter()
     splits = load_data(a["data"], seed=a["seed"], limit=a["limit"],
                        **data_options(a["image_size"], a["mean"], a["std"], a["channels"]))
     require_labels(splits, "training")
     torch.manual_seed(a["seed"])  # the initial weights too: two runs of one command give the same model
-    model = load_model(a["model"], num_classes=splits.num_classes, in_chans=splits.input_shape[0],
-                       weights=a["weights"])
-    check_channels(model, splits.input_shape)  # a file model has its own channel count
-    fit_kw = dict(epochs=a["epochs"], lr=lr, batch_size=a["batch_size"], seed=a["seed"], progress=a["progress"])
-    hooks = {}
+    model = load_model_for_data(a["model"], splits)
+    fit_kw = dict(epochs=a["epochs"], lr=lr, batch_size=a["batch_size"], seed=a["seed"], progress=a["progress"],
+                  checkpoint=a["out"], resume=a["resume"])
     if a["qat"]:
-        plan = _load_plan_for(model, torch.zeros(1, *splits.input_shape), Path(a["plan"]))
-        options = _qat_options(a)
-        if options is not None:
-            from .qat_options import fit_hooks, stat_assist
+        from .qat_options import run_qat
 
-            if not (a["resume"] and Path(a["out"]).is_file()):  # a resumed QAT run has had its warm-up
-                stat_assist(model, splits, options, **fit_kw)
-            hooks = fit_hooks(options, model)
-        model = prepare_qat(model, plan, splits, batch_size=a["batch_size"], seed=a["seed"],
-                            calibration_batches=4 if a["stat_assist"] else 1, placement=a["placement"])
-    result = fit(model, splits, checkpoint=a["out"], resume=a["resume"], **fit_kw, **hooks)
+        plan = _load_plan_for(model, torch.zeros(1, *splits.input_shape), Path(a["plan"]))
+        # float weights load into the float model; a QAT checkpoint's (with scales) into the quantized one
+        model = load_weights_for_plan(model, plan, a["weights"], placement=a["placement"],
+                                      target=f"--placement {a['placement']}")
+        resumed = a["resume"] and Path(a["out"]).is_file()  # a resumed QAT run has had its warm-up
+        model, result = run_qat(model, plan, splits, _qat_options(a), placement=a["placement"],
+                                warm_up=not resumed, **fit_kw)
+    else:
+        if a["weights"]:
+            load_weights(model, a["weights"])
+        result = fit(model, splits, **fit_kw)
     test_acc = evaluate(model, splits.loader("test", batch_size=512))
     if a["save_weights"]:
         save_weights(model, a["save_weights"])

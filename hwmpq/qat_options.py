@@ -1,10 +1,10 @@
-"""Options every QAT run accepts (`hwmpq train --qat`, the fine-tune after a search): SAQ's
-sharpness-aware minimisation and FrostNet's StatAssist and GradBoost.
+"""The one QAT path (`hwmpq train --qat`, the fine-tune after a search, the Python API, the benches) and the
+options every QAT run accepts: SAQ's sharpness-aware minimisation and FrostNet's StatAssist and GradBoost.
 
-How a QAT run uses them (``run_qat`` does exactly this; callers with their own flow do the same)::
+:func:`run_qat` is the sequence::
 
     stat_assist(model, splits, options, **fit_kwargs)    # float warm-up (no-op unless options.stat_assist)
-    prepare_qat(model, plan, splits, ...)                # quantize_ (BN folded with the warm-up's statistics)
+    prepare_qat(model, plan, splits, ...)                # quantize_ (BN folded with the warm-up's statistics), calibrate
     fit(model, splits, **fit_kwargs, **fit_hooks(options, model))
 
 Mechanisms live in hwmpq/sam.py (SAMStep) and hwmpq/frost.py (GradBoost, float_warmup).
@@ -12,12 +12,16 @@ Mechanisms live in hwmpq/sam.py (SAMStep) and hwmpq/frost.py (GradBoost, float_w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from .records import BitPlan
+
+if TYPE_CHECKING:
+    from .train import TrainResult
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,6 @@ class QATOptions:
         """Short name for tables: ``plain``, ``sam``, ``sa+gb``, ``sam+sa+gb``."""
         parts = [n for n, on in (("sam", self.sam), ("sa", self.stat_assist), ("gb", self.grad_boost)) if on]
         return "+".join(parts) or "plain"
-
-
 
 
 def fit_hooks(options: QATOptions, model: nn.Module | None = None) -> dict[str, Any]:
@@ -71,16 +73,40 @@ def stat_assist(model: nn.Module, splits, options: QATOptions, **fit_kwargs):
     return float_warmup(model, splits, options.stat_assist_epochs, **fit_kwargs)
 
 
-def run_qat(model: nn.Module, plan: BitPlan, splits, options: QATOptions, *, calibration_batches: int = 1,
-            placement: str = "tensor", **fit_kwargs):
-    """StatAssist (if on) -> quantize + calibrate -> fit with SAM/GradBoost hooks. Returns (model, TrainResult).
+def run_qat(model: nn.Module, plan: BitPlan, splits, options: QATOptions | None = None, *, epochs: int,
+            calibration_batches: int = 1, placement: str = "tensor", warm_up: bool = True,
+            log: Callable[..., Any] = print, **fit_kwargs) -> tuple[nn.Module, TrainResult | None]:
+    """StatAssist (if on) -> quantize + calibrate -> fit for ``epochs`` with SAM/GradBoost hooks. Returns the
+    quantized model (use it, not ``model``) and fit's TrainResult (None for ``epochs == 0``: quantized and
+    calibrated only). ``fit_kwargs`` are :func:`hwmpq.train.fit`'s (lr, batch_size, seed, checkpoint, ...).
 
-    With StatAssist the quantizers are calibrated on at least 4 batches of the warmed-up model's activations."""
+    StatAssist's float warm-up runs when the options ask for it, ``warm_up`` is True (a resumed QAT run has
+    had it), there is training to assist (``epochs >= 1``) and the plan quantizes a layer; the quantizers are
+    then calibrated on at least 4 batches of the warmed-up model's activations. A ``model`` already quantized
+    in ``placement`` (a QAT checkpoint, a search's plan model) is trained as it is: no float phase is left to
+    warm up (said through ``log`` when StatAssist was asked) and its quantizer scales are kept."""
+    from .qmodules import placement_of
     from .train import fit, prepare_qat
 
-    stat_assist(model, splits, options, **fit_kwargs)
-    n_cal = max(calibration_batches, 4) if options.stat_assist else calibration_batches
-    model = prepare_qat(model, plan, splits, calibration_batches=n_cal, batch_size=fit_kwargs.get("batch_size", 128),
-                        seed=fit_kwargs.get("seed", 0), placement=placement)
-    result = fit(model, splits, **fit_kwargs, **fit_hooks(options, model))
-    return model, result
+    options = options or QATOptions()
+    if epochs < 0:
+        raise ValueError(f"run_qat: epochs must be >= 0, got {epochs}")
+    found = placement_of(model)
+    if found is None:
+        warmed = False
+        if warm_up and epochs >= 1 and any(not p.is_float for _, p in plan.layers):
+            if options.stat_assist:
+                log("StatAssist: float warm-up before quantizing the plan")
+            warmed = stat_assist(model, splits, options, log=log, **fit_kwargs) is not None
+        model = prepare_qat(model, plan, splits, calibration_batches=max(calibration_batches, 4) if warmed
+                            else calibration_batches, batch_size=fit_kwargs.get("batch_size", 128),
+                            seed=fit_kwargs.get("seed", 0), placement=placement)
+    elif found != placement:
+        raise ValueError(f"the model is quantized per {found} but this QAT places quantizers per {placement}; "
+                         "start from its float model")
+    elif options.stat_assist:
+        log("note: StatAssist: the model is already quantized, so there is no float phase to warm up; QAT "
+            "starts from its quantizers")
+    if epochs < 1:
+        return model, None
+    return model, fit(model, splits, epochs=epochs, log=log, **fit_kwargs, **fit_hooks(options, model))

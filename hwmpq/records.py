@@ -11,11 +11,12 @@ import hashlib
 import json
 import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write_text
 
 FLOAT_BITS = 32
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 16, FLOAT_BITS)
@@ -429,23 +430,6 @@ def from_json(text: str, expected: type | None = None, where: str = "$") -> Any:
     if expected is not None and not isinstance(obj, expected):
         raise RecordError(f"{where}: expected a {expected.__name__}, got {type(obj).__name__}")
     return obj
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; records are ordinary files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_record(obj: Any, path: str | os.PathLike) -> None:

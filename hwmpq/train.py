@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .atomic import atomic_torch_save
 from .records import BitPlan
 
 CHECKPOINT_FORMAT = "hwmpq-train-checkpoint"
@@ -93,23 +93,9 @@ def default_step(model: nn.Module, x: Tensor, y: Tensor, optimizer: Optimizer, l
     return loss.detach()
 
 
-def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Write ``model.state_dict()`` (a plain dict of tensors) atomically."""
-    _atomic_torch_save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+    atomic_torch_save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -163,7 +149,7 @@ def _restore(path: str, model: nn.Module, optimizer: Optimizer, epochs: int, log
 
 
 def _save(path: str, model: nn.Module, optimizer: Optimizer, state: _State, epochs: int, seed: int) -> None:
-    _atomic_torch_save({
+    atomic_torch_save({
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "epoch": state.epoch, "epochs": epochs, "seed": seed,
@@ -306,22 +292,12 @@ def calibration_batch(splits, n_batches: int = 1, batch_size: int = 128, seed: i
     return torch.cat(xs)
 
 
-def qat(model: nn.Module, plan: BitPlan, splits, *, calibration_batches: int = 1, placement: str = "tensor",
-        **fit_kwargs) -> nn.Module:
-    """Quantize ``model`` by ``plan`` (BatchNorm folded; ``placement`` as in :func:`hwmpq.qmodules.quantize`),
-    calibrate its quantizers on training batches, then fine-tune with :func:`fit` (same keywords). Returns
-    the quantized model (use it, not ``model``); its state_dict (what checkpoints and :func:`save_weights`
-    hold) includes the learned quantizer scales."""
-    model = prepare_qat(model, plan, splits, calibration_batches=calibration_batches, placement=placement,
-                        batch_size=fit_kwargs.get("batch_size", 128), seed=fit_kwargs.get("seed", 0))
-    fit(model, splits, **fit_kwargs)
-    return model
-
-
 def prepare_qat(model: nn.Module, plan: BitPlan, splits, *, calibration_batches: int = 1, batch_size: int = 128,
                 seed: int = 0, placement: str = "tensor") -> nn.Module:
-    """The first half of :func:`qat`: ``quantize`` (folds BatchNorm) and calibrate, no training. Returns
-    the quantized model."""
+    """``quantize`` (folds BatchNorm; ``placement`` as in :func:`hwmpq.qmodules.quantize`) and calibrate the
+    quantizers on ``calibration_batches`` training batches, no training (QAT is
+    :func:`hwmpq.qat_options.run_qat`). Returns the quantized model (use it, not ``model``); its state_dict
+    includes the quantizer scales."""
     from .qmodules import calibrate, quantize
 
     if calibration_batches < 1:

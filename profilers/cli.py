@@ -21,28 +21,13 @@ def _target_options(target, lut, threads, rpc, tracker, key, tune_trials, emulat
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def load_model_and_input(model: str, input_shape: str | None, weights: str | None):
-    """(model, example input); a bad --model/--input-shape raises a clear ValueError."""
-    import torch
-
-    from hwmpq.modelspec import ModelLoadError, default_shape, load_model, parse_input_shape
-
-    shape = parse_input_shape(input_shape)
-    if shape is None:
-        shape = default_shape(model)
-        if shape is None and ":" not in model:
-            load_model(model)  # an unknown zoo name: its error lists the known ones
-        if shape is None:
-            raise ModelLoadError(f"--model {model!r} is not a zoo model: give --input-shape N,C,H,W")
-    return load_model(model, in_chans=shape[1], weights=weights), torch.zeros(shape)
-
-
 def load_model_and_graph(model: str, input_shape: str | None, weights: str | None):
     """(model, example input, layer specs, edges), the edges across residual adds and concats included
     (the LUT model prices them)."""
     from hwmpq.lut.model import edges_through_merges
 
     from hwmpq.graph import analyse
+    from hwmpq.modelspec import load_model_and_input
 
     net, x = load_model_and_input(model, input_shape, weights)
     specs, _ = analyse(net, x)
@@ -99,6 +84,7 @@ def profile_command(
     from rich.console import Console
 
     from hwmpq.api import ProfileOptions, ProfileStopped, profile
+    from hwmpq.modelspec import load_model_and_input
     from hwmpq.records import MeasureConfig
 
     console = Console(stderr=True, soft_wrap=True)

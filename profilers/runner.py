@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hwmpq.latency_stats import summarize
 from hwmpq.records import FP32, BuildResult, Edge, LayerSpec, MeasureConfig, Measurement, RunResult
 
 from .jobs import MeasureJob, plan_jobs
@@ -61,13 +62,11 @@ def _summarise(run: RunResult) -> tuple[float, float, float, int] | str:
     """(median, p10, p90, n) in ms, or the reason the run gave no usable timing."""
     if run.error_msg:
         return run.error_msg
-    lat = np.asarray(run.latencies_ms or (), dtype=float)
-    if lat.size == 0:
-        return "run returned no latencies"
-    if not np.all(np.isfinite(lat)) or np.any(lat < 0):
-        return f"run returned invalid latencies (min {lat.min()!r}, max {lat.max()!r})"
-    p10, med, p90 = np.percentile(lat, [10, 50, 90])
-    return float(med), float(p10), float(p90), int(lat.size)
+    try:
+        st = summarize(run.latencies_ms or ())
+    except ValueError as e:  # no samples, or invalid ones
+        return f"run returned {e}"
+    return st.median_ms, st.p10_ms, st.p90_ms, st.n
 
 
 def _energy(target, job: MeasureJob, latency_ms: float) -> tuple[float | None, str]:

@@ -15,56 +15,27 @@ def _fail(msg: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _is_quantized_state(state: dict) -> bool:
-    return any(k.endswith((".w_quant.scale", ".in_quant.scale", ".out_quant.scale")) or k.startswith("tensor_quant.")
-               for k in state)
-
-
 def load_for_export(model: str, weights: str | None, plan, input_shape: str | None, data: str | None,
                     target=None, data_kw: dict | None = None):
     """(quantized model, example input, specs, notes). A quantized state dict (with quantizer scales) loads
-    after quantization (in the target's placement); a float checkpoint loads before it, and then the quantizers are calibrated on
-    ``data`` (``load_data`` with ``data_kw``; an image folder defaults to the model's input size) with a
-    printed warning (never silently)."""
-    import torch
-
+    after quantization (in the target's placement); a float checkpoint loads before it, and then the quantizers
+    are calibrated on ``data`` (``load_data`` with ``data_kw``; an image folder defaults to the model's input
+    size) with a printed warning (never silently)."""
     from hwmpq.graph import analyse
-    from hwmpq.modelspec import ModelLoadError, default_shape, load_model, parse_input_shape
-    from hwmpq.qmodules import calibrate, quantize
+    from hwmpq.modelspec import load_model_and_input, load_weights_for_plan
+    from hwmpq.qmodules import calibrate, placement_of, quantize
 
-    shape = parse_input_shape(input_shape) or default_shape(model)
-    if shape is None:
-        raise ModelLoadError(f"--model {model!r} is not a zoo model: give --input-shape N,C,H,W")
-    net = load_model(model, in_chans=shape[1]).eval()
-    x = torch.zeros(shape)
+    net, x = load_model_and_input(model, input_shape)
+    net.eval()
     specs, _ = analyse(net, x)
     allowed = {s.fqn: target.precisions.for_layer(s) for s in specs} if target is not None else None
     plan.validate_against([s.fqn for s in specs], allowed)  # before any work
-    notes = []
-    state = None
-    if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
     placement = target.placement if target is not None else "tensor"
-    if state is not None and _is_quantized_state(state):
-        trained = "tensor" if any(k.startswith("tensor_quant.") for k in state) else "layer"
-        if trained != placement:
-            raise ModelLoadError(f"--weights {weights} holds quantizers placed per {trained}, but "
-                                 f"{target.id if target is not None else 'this target'} exports per-{placement} "
-                                 f"quantizers: train the QAT with --placement {placement}, or export its float "
-                                 "checkpoint with --data to calibrate")
-        net = quantize(net, plan, placement=placement)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as e:
-            raise ModelLoadError(f"--weights {weights} does not fit {model} quantized by the plan: {e}") from e
+    net = load_weights_for_plan(net, plan, weights, placement=placement,
+                                target=f"{target.id if target is not None else 'this target'}'s exporter")
+    notes = []
+    if placement_of(net) is not None:  # trained quantizer scales: exported as they are
         return net.eval(), x, specs, notes
-    if state is not None:
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as e:
-            raise ModelLoadError(f"--weights {weights} does not fit {model}: {e}") from e
     net = quantize(net, plan, placement=placement)
     if data is None:
         raise ValueError("the weights hold no trained quantizer scales (a float checkpoint or none): give "
@@ -75,9 +46,9 @@ def load_for_export(model: str, weights: str | None, plan, input_shape: str | No
 
     kw = dict(data_kw or {})
     if kw.get("image_size") is None and is_image_folder(data):
-        kw["image_size"] = tuple(shape[2:])
+        kw["image_size"] = tuple(x.shape[2:])
     splits = load_data(data, **kw)
-    check_input_shape(splits, shape)
+    check_input_shape(splits, tuple(x.shape))
     msg = (f"WARNING: {'no weights given' if not weights else f'{weights} is a float checkpoint'}; calibrating "
            f"the quantizers on one batch of {data} (post-training, no QAT): accuracy may be lower than a trained plan")
     typer.echo(msg, err=True)
@@ -96,7 +67,7 @@ def predict_with_lut(lut: str, target, model: str, x, specs, plan) -> dict:
 
     from hwmpq.modelspec import load_model
 
-    plain = load_model(model, in_chans=x.shape[1]).eval()
+    plain = load_model(model, in_chans=x.shape[1]).eval()  # the float graph, as profiled
     with LutStore.open(lut, target=target.id, device=target.device()) as store:
         configs = Counter(m.config for m in store.measurements("layer"))
         if not configs:

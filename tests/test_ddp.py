@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from hwmpq.records import FP32, Precision
     from hwmpq.search import SSPSConfig, run_search
     from hwmpq.search.base import Budget, SearchInputs
-    from hwmpq.search import ddp
+    from hwmpq.search import distributed as ddp
     from hwmpq.zoo.registry import create_model
 
     assert ddp.init_from_env("gloo") and ddp.world() == 2

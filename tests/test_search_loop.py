@@ -98,3 +98,33 @@ def test_search_stat_assist_runs_the_float_warm_up_before_the_fine_tune(tmp_path
                         search={"bits": "8"}))
     assert seen and seen[0][0] >= 1 and seen[0][1] is False  # a float model, at least one epoch
     assert rows[0]["test_acc"] is not None
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ([], [(1, "tensor")]),
+    (["--stat-assist"], [(1, None), (1, "tensor")]),
+], ids=["plain", "stat-assist"])
+def test_cli_search_stat_assist_trains_the_float_model_before_the_quantized_fine_tune(tmp_path, monkeypatch,
+                                                                                      flags, expected):
+    """`hwmpq search --stat-assist` through the CLI: every training run is recorded with the placement of the
+    model it trained. With the flag, a float epoch (StatAssist's warm-up) comes before the QAT epoch of the
+    quantized plan; without it, only the QAT epoch runs."""
+    import hwmpq.train as train
+    from hwmpq.cli import _register, app
+    from hwmpq.qmodules import placement_of
+
+    runs, real = [], train.fit
+
+    def spy(model, splits, **kw):
+        runs.append((kw["epochs"], placement_of(model)))
+        return real(model, splits, **kw)
+
+    monkeypatch.setattr(train, "fit", spy)
+    _register()
+    res = CliRunner().invoke(app, ["search", "--method", "uniform", "--bits", "8", "--model", "test_tiny", "--data",
+                                   "digits", "--target", "fake", "--lut", str(tmp_path / "lut.sqlite"),
+                                   "--profile-missing", "--warmup", "1", "--repeat", "3", "--finetune-limit-batches",
+                                   "2", "--out", str(tmp_path / "plan.json"), "--quiet", *flags])
+    assert res.exit_code == 0, res.output
+    assert runs == expected
+    assert load_plan(tmp_path / "plan.json")

@@ -10,6 +10,7 @@ import torch
 
 from hwmpq.graph import fqns, layer_graph
 from hwmpq.modelspec import load_weights
+from hwmpq.qat_options import QATOptions, run_qat
 from hwmpq.records import BitPlan, Precision, from_json, to_json
 from hwmpq.train import (
     CheckpointError,
@@ -20,7 +21,6 @@ from hwmpq.train import (
     fit,
     load_checkpoint,
     prepare_qat,
-    qat,
     save_weights,
 )
 from hwmpq.zoo import create_model
@@ -172,8 +172,8 @@ def test_qat_beats_quantization_without_training(tiny_trained, digits, tmp_path:
     ptq = prepare_qat(copy.deepcopy(tiny_trained), plan, digits, batch_size=128)
     ptq_acc = evaluate(ptq, digits.loader("test"))
     ckpt = tmp_path / "q.pt"
-    tuned = qat(copy.deepcopy(tiny_trained), plan, digits, epochs=3, lr=0.01, batch_size=32,
-                checkpoint=str(ckpt), **QUIET)
+    tuned, _ = run_qat(copy.deepcopy(tiny_trained), plan, digits, QATOptions(), epochs=3, lr=0.01, batch_size=32,
+                       checkpoint=str(ckpt), **QUIET)
     qat_acc = evaluate(tuned, digits.loader("test"))
     print(f"float {float_acc:.3f} w3a4 no training {ptq_acc:.3f} after QAT {qat_acc:.3f}")
     assert qat_acc >= ptq_acc + 0.05, (float_acc, ptq_acc, qat_acc)

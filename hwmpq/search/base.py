@@ -18,21 +18,8 @@ from torch import nn
 
 from hwmpq.data import Splits
 from hwmpq.lut.table import LatencyTable
+from hwmpq.modelspec import DataShapeError, check_channels  # noqa: F401 (part of this module's interface)
 from hwmpq.records import BitPlan
-
-
-class DataShapeError(ValueError):
-    """The data does not fit the model (channels per image); the message says how to fix it."""
-
-
-def check_channels(model: nn.Module, input_shape: tuple[int, ...], where: str = "data") -> None:
-    """The model's first Conv2d must take the data's channel count (``input_shape`` is C, H, W)."""
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
-    c = int(input_shape[0])
-    if isinstance(first, nn.Conv2d) and first.in_channels != c:
-        raise DataShapeError(f"the {where} has {c} channel(s) per image (shape {tuple(input_shape)}), but the "
-                             f"model's first conv expects {first.in_channels}; build the model with in_chans={c} "
-                             "(zoo models get it from the data) or use data with matching channels")
 
 
 class BudgetError(ValueError):

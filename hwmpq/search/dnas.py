@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .base import Budget, SearchInputs, SearchResult, register_strategy
 from .budget import check_feasible, repair, within
+from .progress import progress_bar
 from .supernet import Supernet
 
 
@@ -73,9 +75,9 @@ def cost_loss(ce: torch.Tensor, e_lat: torch.Tensor, e_mj: torch.Tensor, budget:
 def _save_checkpoint(supernet: Supernet, path: str | None, epoch: int) -> None:
     if path is None:
         return
-    from hwmpq.train import _atomic_torch_save
+    from hwmpq.atomic import atomic_torch_save
 
-    _atomic_torch_save({"format": "hwmpq-supernet", "epoch": epoch, "state": supernet.state_dict()}, path)
+    atomic_torch_save({"format": "hwmpq-supernet", "epoch": epoch, "state": supernet.state_dict()}, path)
 
 
 def _check_finite(loss: torch.Tensor, where: str, cfg: SupernetSchedule) -> None:
@@ -92,22 +94,21 @@ StepHook = Callable[[int, Supernet], None]
 def train_supernet(inputs: SearchInputs, cfg: SupernetSchedule, supernet: Supernet, *, method: str,
                    on_arch_step: StepHook | None = None) -> dict:
     """Alternate weight and architecture steps; returns the trace (per-epoch probabilities and losses)."""
-    from . import ddp
-
     torch.manual_seed(inputs.seed)
     gen = torch.Generator().manual_seed(inputs.seed + 1)
     supernet.calibrate(inputs.splits.train.tensors[0][: cfg.batch_size])
-    model = ddp.wrap(supernet)
+    model = distributed.wrap(supernet)
     w_opt = torch.optim.Adam(supernet.weight_parameters(), lr=cfg.w_lr)
     a_opt = torch.optim.Adam([supernet.alpha], lr=cfg.a_lr)
-    train_loader, val_iter, n_batches = ddp.loaders(inputs.splits, cfg.batch_size, cfg.limit_batches, inputs.seed)
+    train_loader, val_iter, n_batches = distributed.loaders(inputs.splits, cfg.batch_size, cfg.limit_batches,
+                                                                 inputs.seed)
     total = cfg.epochs * n_batches
     table, budget = inputs.table, inputs.budget
     trace = {"method": method, "config": cfg.__dict__, "epochs": [], "candidates": [c.label for c in table.candidates],
              "fqns": list(table.fqns), "budget_ms": budget.latency_ms, "budget_mj": budget.energy_mj}
     step = 0
     _save_checkpoint(supernet, cfg.checkpoint, 0)
-    with ddp.progress_bar(inputs.progress and ddp.is_main()) as bar:
+    with progress_bar(inputs.progress and distributed.is_main()) as bar:
         task = bar.add_task(method, total=total, info="")
         for epoch in range(1, cfg.epochs + 1):
             ce_sum = n = 0

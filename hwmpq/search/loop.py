@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from hwmpq.records import FP32, MeasureConfig, Precision, atomic_write_text, save_plan, to_json
+from hwmpq.records import MeasureConfig, Precision, atomic_write_text, save_plan, to_json
 
-from . import ddp
-from .base import Budget, SearchInputs, SearchResult, check_channels, run_search
+from . import distributed
+from .base import Budget, SearchInputs, SearchResult, run_search
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Context:
 
 
 def _log(msg: str) -> None:
-    if ddp.is_main():
+    if distributed.is_main():
         from rich.console import Console
 
         Console(stderr=True, soft_wrap=True).print(msg, highlight=False)
@@ -88,7 +88,7 @@ def _log(msg: str) -> None:
 
 def load_data_and_model(cfg: LoopConfig):
     from hwmpq.data import load_dataset, require_labels
-    from hwmpq.modelspec import load_model
+    from hwmpq.modelspec import load_model_for_data
 
     kw = {"seed": cfg.seed}
     if cfg.data_limit is not None and cfg.data == "fashion-mnist":
@@ -96,15 +96,13 @@ def load_data_and_model(cfg: LoopConfig):
     splits = load_dataset(cfg.data, **kw)
     if not cfg.ptq:
         require_labels(splits, "a search without --ptq (it trains)")
-    classes = cfg.num_classes or splits.num_classes or 10
-    model = load_model(cfg.model, num_classes=classes, in_chans=splits.input_shape[0], weights=cfg.weights)
-    check_channels(model, splits.input_shape)
+    model = load_model_for_data(cfg.model, splits, weights=cfg.weights, num_classes=cfg.num_classes)
     if cfg.weights is None and cfg.pretrain_epochs > 0:
         from hwmpq.train import fit
 
         _log(f"[bold]float pre-training[/] {cfg.model} on {cfg.data}: {cfg.pretrain_epochs} epoch(s)")
         fit(model, splits, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, batch_size=cfg.batch_size,
-            seed=cfg.seed, progress=cfg.progress and ddp.is_main(), log=_log)
+            seed=cfg.seed, progress=cfg.progress and distributed.is_main(), log=_log)
     elif cfg.weights is None:
         _log("[yellow]note[/]: no --weights and no --pretrain-epochs: searching an untrained float model")
     return splits, model.eval(), torch.zeros(1, *splits.input_shape)
@@ -229,36 +227,12 @@ def method_config(cfg: LoopConfig, method: str, bits: str | None = None):
     raise ValueError(f"--method {method!r}: use dnas, ssps, saq, nemo, ilp or uniform")
 
 
-def _fit_hooks(cfg: LoopConfig, model: nn.Module) -> dict:
-    if not cfg.qat:
-        return {}
-    from hwmpq.qat_options import QATOptions
-
-    try:
-        from hwmpq.qat_options import fit_hooks
-    except ImportError:
-        raise ValueError("--sam/--stat-assist/--grad-boost need hwmpq.qat_options.fit_hooks, not built yet") from None
-    return fit_hooks(QATOptions(**cfg.qat), model)
-
-
-def _stat_assist(cfg: LoopConfig, ctx: Context, model: nn.Module) -> bool:
-    """FrostNet's StatAssist before the fine-tune's quantization (``--stat-assist``): the float ``model``
-    trained in place for the options' warm-up epochs. Returns whether it ran."""
-    if not cfg.qat.get("stat_assist"):
-        return False
-    from hwmpq.qat_options import QATOptions, stat_assist
-
-    _log("StatAssist: float warm-up before quantizing the plan")
-    stat_assist(model, ctx.splits, QATOptions(**cfg.qat), lr=cfg.finetune_lr, batch_size=cfg.batch_size,
-                seed=cfg.seed, limit_batches=cfg.finetune_limit_batches, progress=cfg.progress, log=_log)
-    return True
-
-
 def fine_tune(ctx: Context, cfg: LoopConfig, result: SearchResult) -> nn.Module:
-    """QAT of the plan, starting from the search's weights and quantizer scales when it has them; with
-    ``cfg.ptq`` calibration only: the float model quantized by the plan, calibrated, not trained."""
+    """QAT of the plan (hwmpq.qat_options.run_qat: StatAssist, quantize, calibrate, fit with the SAM/GradBoost
+    hooks), starting from the search's weights and quantizer scales when it has them; with ``cfg.ptq``
+    calibration only: the float model quantized by the plan, calibrated, not trained."""
+    from hwmpq.qat_options import QATOptions, run_qat
     from hwmpq.qmodules import placement_of
-    from hwmpq.train import fit, prepare_qat
 
     from .ptq import calibrated
 
@@ -269,23 +243,18 @@ def fine_tune(ctx: Context, cfg: LoopConfig, result: SearchResult) -> nn.Module:
     wants_quant = any(not p.is_float for _, p in plan.layers)
     placement = ctx.target.placement
     found = placement_of(result.model) if result.model is not None else None
-    if result.model is not None and (found == placement or not wants_quant):
-        model = result.model  # already quantized by the plan as the target wants, with the search's scales
+    if result.model is not None and not wants_quant:
+        return result.model.eval()  # a float plan: nothing to quantize or fine-tune
+    if result.model is not None and found == placement:
+        start = result.model  # already quantized by the plan as the target wants, with the search's scales
     else:
         # no model, float weights, or a supernet's per-layer quantizers (its scales do not carry over to
         # tensor placement, and its weights were trained under them: the demo's SSPS plan reached 0.796
         # test accuracy from them against 0.812 from the float weights): quantize and calibrate
         start = copy.deepcopy(result.model if result.model is not None and found is None else ctx.model)
-        warmed = _stat_assist(cfg, ctx, start) if wants_quant and cfg.finetune_epochs >= 1 else False
-        model = prepare_qat(start, plan, ctx.splits, batch_size=cfg.batch_size, seed=cfg.seed, placement=placement,
-                            calibration_batches=4 if warmed else 1)
-    if cfg.qat.get("stat_assist") and found == placement and wants_quant:
-        _log("[yellow]note[/]: --stat-assist: the search's model is already quantized, so there is no float "
-             "phase to warm up; the fine-tune starts from the search's quantizers")
-    if all(p == FP32 for _, p in plan.layers) or cfg.finetune_epochs < 1:
-        return model.eval()
-    fit(model, ctx.splits, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, batch_size=cfg.batch_size, seed=cfg.seed,
-        limit_batches=cfg.finetune_limit_batches, progress=cfg.progress, log=_log, **_fit_hooks(cfg, model))
+    model, _ = run_qat(start, plan, ctx.splits, QATOptions(**cfg.qat), epochs=cfg.finetune_epochs if wants_quant
+                       else 0, placement=placement, lr=cfg.finetune_lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                       limit_batches=cfg.finetune_limit_batches, progress=cfg.progress, log=_log)
     return model.eval()
 
 
@@ -335,7 +304,7 @@ def run_row(ctx: Context, cfg: LoopConfig, method: str, bits: str | None, out: P
     result = run_search(inputs, mcfg)
     search_s = time.perf_counter() - t0
     label = method if method != "uniform" else f"uniform {mcfg.precision.label}"
-    if not ddp.is_main():
+    if not distributed.is_main():
         return None, {"method": label}
     save_plan(result.plan, out)
     atomic_write_text(out.with_suffix(".trace.json"), to_json(result.trace) + "\n")
@@ -371,7 +340,7 @@ def run_loop(cfg: LoopConfig) -> list[dict[str, Any]]:
         exported, row = run_row(ctx, cfg, method, bits, path)
         rows.append(row)
         exports.append(exported)
-    if ddp.is_main():
+    if distributed.is_main():
         measure_together(ctx, cfg, rows, exports)
         if cfg.export_dir:
             _move_export(out, out_dir)

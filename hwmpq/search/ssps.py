@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import distributed
 from .base import SearchInputs, SearchResult, register_strategy
 from .budget import cheapest_plan, check_feasible, within
 from .dnas import SupernetSchedule, finish, train_supernet
@@ -97,9 +98,7 @@ def ssps(inputs: SearchInputs, cfg: SSPSConfig) -> SearchResult:
     t0 = time.perf_counter()
     check_feasible(inputs.table, inputs.budget)
     supernet = Supernet(inputs.model, inputs.table)
-    from . import ddp
-
-    n_batches = ddp.loaders(inputs.splits, cfg.batch_size, cfg.limit_batches, inputs.seed)[2]
+    n_batches = distributed.loaders(inputs.splits, cfg.batch_size, cfg.limit_batches, inputs.seed)[2]
     fixer = _Fixer(inputs, cfg, (cfg.epochs - cfg.warmup_epochs) * n_batches)
     trace = train_supernet(inputs, cfg, supernet, method="ssps", on_arch_step=fixer)
     while (supernet.fixed < 0).any():

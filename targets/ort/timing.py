@@ -17,10 +17,11 @@ Measured here at load ~12 on 2 cores: an int16 ResNet-20 took 6-10 ms wall but 2
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
+from hwmpq.latency_stats import LatencyStats as Stats  # noqa: F401 (this module's summary of its samples)
+from hwmpq.latency_stats import summarize  # noqa: F401
 from hwmpq.records import MeasureConfig, RunResult
 
 _NP = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
@@ -202,16 +203,3 @@ def read_kernel_trace(path: str) -> list[tuple[str, tuple[int, ...], list[float]
     return list(per.values())
 
 
-@dataclass(frozen=True)
-class Stats:
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    n: int
-
-
-def summarize(latencies_ms) -> Stats:
-    a = np.asarray(latencies_ms, dtype=float)
-    if a.size == 0:
-        raise ValueError("no latencies to summarize")
-    return Stats(float(np.median(a)), float(np.percentile(a, 10)), float(np.percentile(a, 90)), int(a.size))
