@@ -181,7 +181,7 @@ def _check_target_object(target: Any) -> None:
 
 
 def _threads(target: Target) -> int:
-    return int(getattr(target, "threads", 1) or 1)
+    return int(target.threads)
 
 
 def _check_threads(config: MeasureConfig, target: Target) -> None:
@@ -540,7 +540,7 @@ def export(model: nn.Module, plan: BitPlan | str | os.PathLike, *, target: str |
 
     bit_plan = plan if isinstance(plan, BitPlan) else load_plan(plan)
     with resolved_target(target) as tgt:
-        if not hasattr(tgt, "export"):
+        if not tgt.capabilities.export:
             raise ValueError(f"target {tgt.id!r} has no exporter")
         splits = None if data is None else _calibration_splits(data, example_input)
         x = _example_input(example_input, splits)
@@ -630,7 +630,7 @@ def measure(artifact: ExportResult | str | os.PathLike, *, target: str | Target 
     raises RuntimeError with the target's message."""
     exported = _as_export(artifact)
     with resolved_target(target, threads=config.threads if config else None) as tgt:
-        if not hasattr(tgt, "measure_artifact"):
+        if not tgt.capabilities.measure_artifact:
             raise ValueError(f"target {tgt.id!r} cannot time whole models")
         config = config or MeasureConfig(threads=_threads(tgt))
         _check_threads(config, tgt)

@@ -131,10 +131,10 @@ def show_command(
         console.print(tr)
     for r in df[df["kind"] == "overhead"].itertuples():
         console.print("per-model overhead: " + (f"{r.latency_ms:.4f} ms" if r.ok else f"failed ({r.error_msg})"))
-    kernels = df[df["kind"] == "kernel"]  # lut/context.py
+    kernels = df[df["kind"] == "kernel"]  # profilers/context.py
     if len(kernels):
         by = kernels.groupby("precision").size()
-        console.print("kernels in context (in a uniform plan and alone, lut/context.py): "
+        console.print("kernels in context (in a uniform plan and alone, profilers/context.py): "
                       + ", ".join(f"{p} {n // 2} layers" for p, n in by.items()))
     if plot:
         try:

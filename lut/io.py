@@ -17,7 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from .store import COLUMNS, CorruptLutError, ForeignLutError, LutError, LutStore, row_to_measurement
+from .schema import COLUMNS, version_problem
+from .store import CorruptLutError, ForeignLutError, LutError, LutStore, row_to_measurement
 
 FORMATS = ("parquet", "csv")
 _META_KEY = b"hwmpq_meta"
@@ -27,31 +28,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _label(w: Any, a: Any) -> str | None:
-    if w is None or pd.isna(w) or int(w) == 0:
-        return None
-    return "fp32" if int(w) == 32 and int(a) == 32 else f"w{int(w)}a{int(a)}"
-
-
-def rows_frame(rows: list[dict[str, Any]], shapes: dict[tuple[str, str], str] | None = None) -> pd.DataFrame:
-    """A frame of stored rows: one row per measurement, numeric columns numeric, ``emulated``/``ok`` bool,
-    ``src_w_bits``/``src_a_bits`` missing (<NA>) where there is no source precision."""
-    df = pd.DataFrame(rows, columns=list(COLUMNS))
-    for c in ("latency_ms", "p10_ms", "p90_ms", "energy_mj", "time_unix", "min_repeat_ms", "timeout_s"):
-        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
-    for c in ("w_bits", "a_bits", "n", "schema_version", "warmup", "number", "repeat", "threads"):
-        df[c] = pd.to_numeric(df[c]).astype("int64")
-    for c in ("src_w_bits", "src_a_bits"):
-        df[c] = pd.to_numeric(df[c]).astype("Int64").mask(lambda s: s == 0)
-    df["emulated"] = df["emulated"].astype(bool)
-    df["precision"] = [_label(w, a) for w, a in zip(df["w_bits"], df["a_bits"], strict=True)]
-    df["src_precision"] = [_label(w, a) for w, a in zip(df["src_w_bits"], df["src_a_bits"], strict=True)]
-    df["ok"] = df["error_msg"].isna() & df["latency_ms"].notna()
-    shapes = shapes or {}
-    df["shape"] = [shapes.get((k, s)) for k, s in zip(df["kind"], df["signature"], strict=True)]
-    return df
 
 
 def _atomic_output(path: Path, write) -> None:
@@ -169,17 +145,18 @@ def _key(m: Any) -> tuple:
 
 
 def import_lut(path: str | os.PathLike, into: LutStore, force: bool = False) -> MergeReport:
-    """Add the rows of an exported file to ``into`` in one transaction; rows of another device, target
-    or schema version are refused unless ``force`` (forced rows keep their device and target, and are
-    stored under this schema version)."""
+    """Add the rows of an exported file to ``into`` in one transaction, stored under this schema version;
+    rows of another device or target, or of a schema version :func:`~hwmpq.lut.schema.migrate` does not
+    upgrade, are refused unless ``force`` (forced rows keep their device and target)."""
     df, meta = read_export(path)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise CorruptLutError(f"{path}: not an hwmpq LUT export; missing columns {missing}")
-    versions = {int(v) for v in df["schema_version"].dropna().unique()}
-    if versions - {into.schema_version} and not force:
-        raise ForeignLutError(f"{path}: rows of schema version {sorted(versions)}, {into.path} is version "
-                              f"{into.schema_version}; pass --force (force=True) to take them knowingly")
+    versions = sorted({int(v) for v in df["schema_version"].dropna().unique()})
+    refused = [version_problem(v) for v in versions if version_problem(v)]  # older rows of the same meaning: taken
+    if refused and not force:
+        raise ForeignLutError(f"{path}: rows of {'; '.join(refused)}; {into.path} is version {into.schema_version}; "
+                              "pass --force (force=True) to take them knowingly")
     df = df.astype(object).where(df.notna(), None)
     for c in ("src_w_bits", "src_a_bits"):
         df[c] = [0 if v is None else v for v in df[c]]

@@ -11,11 +11,11 @@
   edge's two layers chain as they stand, C is those two real layers joined by the edge's activation and
   residual add (targets/ort/layers.py: ``chain_model``) and T = C - R_src(a) - R_dst(b) + overhead (:func:`pair_matrix`); elsewhere C is a
   chain of stand-ins on the edge's tensor shape and S(p) the stand-in alone (a layer row;
-  :func:`profiling_specs` adds the stand-ins to what is profiled; :func:`transition_matrix`). T holds
-  what handing the tensor across costs beyond what the isolated layer rows include: DQ/ReLU/Q glue,
-  layout changes between integer (NHWC) and float (NCHWc) kernels, lost fusions, cache effects.
+  ``hwmpq.profilers.probes.profiling_specs`` adds the stand-ins to what is profiled;
+  :func:`transition_matrix`). T holds what handing the tensor across costs beyond what the isolated
+  layer rows include: DQ/ReLU/Q glue, layout changes between integer (NHWC) and float (NCHWc) kernels, lost fusions, cache effects.
 - ``overhead_ms``: the overhead row (one empty session run).
-- in context (lut/context.py, where the LUT holds its kernel rows): each ``layer_ms[l, p]`` plus what the
+- in context (lut/context.py, from the kernel rows profilers/context.py measures): each ``layer_ms[l, p]`` plus what the
   layer's kernel took more inside the model's uniform plan at p than alone.
 
 Edges: pass :func:`edges_through_merges` (edges also across residual adds, where the exporter dequantizes
@@ -29,8 +29,10 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-from hwmpq.profilers.jobs import timed_as_pair
 
+from hwmpq.profilers.jobs import timed_as_pair
+from hwmpq.profilers.probes import SPEED_PROBES
+from hwmpq.profilers.probes import profiling_specs as profiling_specs  # also importable beside the model
 from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision, pair_signature
 
 from .table import LatencyTable
@@ -100,48 +102,15 @@ def _chain_ms(store, edge: Edge, src: Precision, dst: Precision, config) -> floa
     return _ok_latency(store.get("transition", edge.signature, dst, config, src_precision=src), config)
 
 
-# The speed reference: one fixed fp32 conv profiled into every LUT and timed again beside whatever is later
-# compared with the LUT (``lut validate``). This shared 2-vCPU machine runs 1.3-1.5x slower for minutes at
-# a time (the same 53 mobilenetv2 rows summed to 3.99 ms, then 3.03 ms two minutes later); the reference
-# tells such a shift of the machine's speed apart from an error of the latency model.
-REFERENCE = LayerSpec("speed_reference", "conv", 32, 32, (3, 3), padding=(1, 1), in_hw=(16, 16), out_hw=(16, 16),
-                      bias=False, macs=32 * 32 * 9 * 16 * 16, params=32 * 32 * 9)
-# The reference stays in L2 and misses most slow spells of the shared L3 and memory, which whole models feel:
-# a 1x1 conv streaming 1 MB in and 1 MB out (beyond the 1 MB L2) follows whole fp32 models' window-to-window
-# times with log correlation +0.89..+0.92 against the reference's +0.78..+0.83
-# (`git show eac1d54:bench/ort/bench_speed_probes.py`).
-MEMORY_REFERENCE = LayerSpec("speed_reference_memory", "conv", 256, 256, (1, 1), in_hw=(32, 32), out_hw=(32, 32),
-                             bias=False, macs=256 * 256 * 32 * 32, params=256 * 256)
-SPEED_PROBES = (REFERENCE, MEMORY_REFERENCE)  # both are profiled into every LUT and gate every comparison
-
-
 def speed_rows(store, config) -> dict[str, float]:
-    """{probe name: its quoted LUT latency} of the :data:`SPEED_PROBES` the store holds (a LUT profiled
-    before a probe existed lacks its row)."""
+    """{probe name: its quoted LUT latency} of the speed probes (``hwmpq.profilers.probes``) the store
+    holds (a LUT profiled before a probe existed lacks its row)."""
     out = {}
     for probe in SPEED_PROBES:
         row = store.get("layer", probe.signature, FP32, config)
         if row is not None and row.ok and row.quoted_ms(config.statistic):
             out[probe.fqn] = row.quoted_ms(config.statistic)
     return out
-
-
-def profiling_specs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target) -> list[LayerSpec]:
-    """``specs`` plus the :data:`SPEED_PROBES` and the target's transition stand-ins (one per tensor
-    shape of the edges not timed with their own two layers), which must be profiled as layers for
-    :func:`build_table` to turn chain times into transition costs."""
-    known = {s.signature for s in specs}
-    by_fqn = {s.fqn: s for s in specs}
-    specs = list(specs) + [p for p in SPEED_PROBES if p.signature not in known]
-    if not hasattr(target, "transition_stand_in"):
-        return specs
-    extra = {}
-    for e in edges:
-        if e.src in by_fqn and e.dst in by_fqn and timed_as_pair(e, by_fqn, target):
-            continue
-        st = target.transition_stand_in(e.tensor_shape)
-        extra.setdefault(st.signature, st)
-    return specs + [s for sig, s in extra.items() if sig not in known]
 
 
 def pair_matrix(store, src: LayerSpec, dst: LayerSpec, activation: str, cands, allowed_src, allowed_dst, config,
@@ -237,7 +206,7 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
         from .context import apply_deltas, kernel_deltas
 
         lat = apply_deltas(lat, specs, cands, kernel_deltas(store, specs, edges, config))
-    if overhead_ms is None and hasattr(target, "build_overhead"):
+    if overhead_ms is None and target.capabilities.overhead:
         missing.append(("<session overhead>", "fp32"))
     if missing:
         raise MissingEntriesError(missing)
@@ -254,7 +223,7 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
             t, miss, found = pair_matrix(store, specs[i], specs[j], e.activation, cands, allowed_i, allowed_j,
                                          config, overhead_ms or 0.0, e.merge)
         if not found:
-            stand_in = target.transition_stand_in(e.tensor_shape) if hasattr(target, "transition_stand_in") else None
+            stand_in = target.transition_stand_in(e.tensor_shape) if target.capabilities.transitions else None
             t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config, overhead_ms or 0.0, stand_in)
         n_missing += miss
         n_total += len(allowed_i) * len(allowed_j)

@@ -19,60 +19,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from hwmpq.device import describe_difference
+from hwmpq.records import MeasureConfig, Measurement, Precision
 from hwmpq.targets.base import DeviceInfo
 
-from hwmpq.records import MeasureConfig, Measurement, Precision
-
-from .fingerprint import describe_difference
-
-# 2: ort-x86 layer rows and chains price the tensor-placement export (one quantizer per tensor, integer
-# residual adds: targets/ort/layers.py emit_glue); rows of version 1 priced per-layer quantizers
-SCHEMA_VERSION = 2
-# model: a whole uniform plan timed end to end (a kind the schema accepts; hwmpq writes no such rows);
-# kernel: a layer's kernel inside a uniform plan of the model, or alone (lut/context.py)
-KINDS = ("layer", "transition", "overhead", "model", "kernel")
-
-_CONFIG_COLS = ("warmup", "number", "repeat", "min_repeat_ms", "threads", "timeout_s", "statistic")
-_KEY_COLS = ("device", "target", "kind", "signature", "w_bits", "a_bits", "src_w_bits", "src_a_bits",
-             "config_key", "schema_version")
-_VALUE_COLS = ("latency_ms", "p10_ms", "p90_ms", "n", "energy_mj", "energy_source", "emulated", "error_msg",
-               "time_unix", "versions_json") + _CONFIG_COLS
-COLUMNS = _KEY_COLS + _VALUE_COLS
-
-# jobs a profiler started and has not committed: a process that dies inside a job (a native crash in a
-# backend, or a kill) leaves its row here, so a job that keeps killing the profiler can be given up on
-_INFLIGHT_DDL = f"""
-CREATE TABLE IF NOT EXISTS inflight ({", ".join(f"{c} {'INTEGER' if 'bits' in c else 'TEXT'} NOT NULL"
-                                               for c in _KEY_COLS[:9])},
-  attempts INTEGER NOT NULL, started_unix REAL NOT NULL, PRIMARY KEY ({", ".join(_KEY_COLS[:9])}));
-"""
-_DDL = f"""
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE measurements (
-  device TEXT NOT NULL, target TEXT NOT NULL, kind TEXT NOT NULL, signature TEXT NOT NULL,
-  w_bits INTEGER NOT NULL, a_bits INTEGER NOT NULL, src_w_bits INTEGER NOT NULL, src_a_bits INTEGER NOT NULL,
-  config_key TEXT NOT NULL, schema_version INTEGER NOT NULL,
-  latency_ms REAL, p10_ms REAL, p90_ms REAL, n INTEGER NOT NULL, energy_mj REAL, energy_source TEXT NOT NULL,
-  emulated INTEGER NOT NULL, error_msg TEXT, time_unix REAL NOT NULL, versions_json TEXT NOT NULL,
-  warmup INTEGER NOT NULL, number INTEGER NOT NULL, repeat INTEGER NOT NULL, min_repeat_ms REAL NOT NULL,
-  threads INTEGER NOT NULL, timeout_s REAL NOT NULL, statistic TEXT NOT NULL,
-  PRIMARY KEY ({", ".join(_KEY_COLS)})
-);
-CREATE TABLE shapes (kind TEXT NOT NULL, signature TEXT NOT NULL, description TEXT NOT NULL,
-  PRIMARY KEY (kind, signature));
-""" + _INFLIGHT_DDL
-
-
-class LutError(ValueError):
-    """A LUT file cannot be used; the message says which file, why, and what to do."""
-
-
-class CorruptLutError(LutError):
-    """The file is not an hwmpq LUT (not SQLite, truncated, or without the LUT tables)."""
-
-
-class ForeignLutError(LutError):
-    """The LUT was measured on another device or target, or written by another schema version."""
+from .errors import CorruptLutError, ForeignLutError, LutError
+from .schema import COLUMNS, CONFIG_COLS, DDL, KEY_COLS, KINDS, SCHEMA_VERSION, migrate, version_problem
 
 
 def _umask() -> int:
@@ -97,7 +49,7 @@ def _create_atomically(path: Path, target: str, device: DeviceInfo) -> None:
     try:
         conn = sqlite3.connect(tmp)
         try:
-            conn.executescript(_DDL)
+            conn.executescript(DDL)
             meta = {"schema_version": str(SCHEMA_VERSION), "target": target, "device": device.fingerprint,
                     "device_details": json.dumps(dict(device.details), sort_keys=True),
                     "emulated": str(int(device.emulated)), "created_unix": f"{time.time():.3f}"}
@@ -194,7 +146,6 @@ class LutStore:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
-                conn.executescript(_INFLIGHT_DDL)  # LUTs written before this table existed get it here
             except sqlite3.OperationalError:  # a read-only file or folder: reading still works
                 pass
         except sqlite3.DatabaseError as e:
@@ -204,17 +155,23 @@ class LutStore:
             conn.close()
             raise
         try:
-            ident = (meta["device"], meta["target"], int(meta["schema_version"]))
+            int(meta["schema_version"])
         except ValueError:
             conn.close()
             raise CorruptLutError(f"{p}: schema_version {meta['schema_version']!r} is not a number") from None
+        try:
+            meta = migrate(conn, p, meta)
+        except LutError:
+            conn.close()
+            raise
+        ident = (meta["device"], meta["target"], int(meta["schema_version"]))
         return cls(p, conn, meta, ident, any_device=True)
 
     def _foreign_problems(self, target: str, device: DeviceInfo) -> list[str]:
         m = self._meta
         out = []
         if m["schema_version"] != str(SCHEMA_VERSION):
-            out.append(f"schema version {m['schema_version']} (this hwmpq reads version {SCHEMA_VERSION})")
+            out.append(version_problem(int(m["schema_version"])))
         if m["target"] != target:
             out.append(f"target {m['target']!r} (this run uses {target!r})")
         if m["device"] != device.fingerprint:
@@ -323,7 +280,7 @@ class LutStore:
             if all_rows:
                 chosen[len(chosen),] = r
             elif mine or self._any_device:
-                key = tuple(r[c] for c in _KEY_COLS[2:9])
+                key = tuple(r[c] for c in KEY_COLS[2:9])
                 if mine or key not in chosen:
                     chosen[key] = r
         return [row_to_measurement(r, where=str(self.path)) for r in chosen.values()]
@@ -359,7 +316,7 @@ class LutStore:
     def frame(self):
         """Every row as a pandas DataFrame: numbers as numbers, ``precision``/``src_precision`` labels and
         the signature's ``shape`` description added."""
-        from .io import rows_frame
+        from .frame import rows_frame
 
         return rows_frame(list(self._rows()), self.shapes())
 
@@ -401,12 +358,12 @@ class _Transaction:
                 pass  # nothing to roll back: the original exception is what matters
 
 
-_INFLIGHT_WHERE = f"SELECT attempts FROM inflight WHERE {' AND '.join(f'{c}=?' for c in _KEY_COLS[:9])}"
+_INFLIGHT_WHERE = f"SELECT attempts FROM inflight WHERE {' AND '.join(f'{c}=?' for c in KEY_COLS[:9])}"
 
 
 def _job_key(m: Measurement) -> tuple:
     row = measurement_to_row(m)
-    return tuple(row[c] for c in _KEY_COLS[:9])
+    return tuple(row[c] for c in KEY_COLS[:9])
 
 
 # ---------------------------------------------------------------------- row <-> record
@@ -418,7 +375,7 @@ def measurement_to_row(m: Measurement) -> dict[str, Any]:
            "p10_ms": m.p10_ms, "p90_ms": m.p90_ms, "n": int(m.n), "energy_mj": m.energy_mj,
            "energy_source": m.energy_source, "emulated": int(bool(m.emulated)), "error_msg": m.error_msg,
            "time_unix": float(m.time_unix), "versions_json": json.dumps(dict(m.versions), sort_keys=True)}
-    row.update({c: getattr(m.config, c) for c in _CONFIG_COLS})
+    row.update({c: getattr(m.config, c) for c in CONFIG_COLS})
     return row
 
 
@@ -434,7 +391,7 @@ def row_to_measurement(r: Mapping[str, Any], where: str = "LUT") -> Measurement:
     try:
         config = MeasureConfig(**{c: (str(r[c]) if c == "statistic" else
                                       float(r[c]) if c in ("min_repeat_ms", "timeout_s") else int(r[c]))
-                                  for c in _CONFIG_COLS})
+                                  for c in CONFIG_COLS})
         if str(r["config_key"]) != config.key:
             raise ValueError(f"config_key {r['config_key']} does not match the config columns ({config.key})")
         sw, sa = int(r["src_w_bits"]), int(r["src_a_bits"])

@@ -92,7 +92,7 @@ def profile_command(
         net, x = load_model_and_input(model, input_shape, weights)
         tgt = get_target(target, **_target_options(target, lut, threads, rpc, tracker, key, tune_trials, emulated))
         config = MeasureConfig(warmup=warmup, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, rounds=rounds,
-                               threads=threads or int(getattr(tgt, "threads", 1) or 1), timeout_s=timeout_s)
+                               threads=threads or tgt.threads, timeout_s=timeout_s)
     except ValueError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
@@ -110,9 +110,8 @@ def profile_command(
     except ProfileStopped:  # why, likewise
         raise typer.Exit(1) from None
     finally:
-        cleanup = getattr(tgt, "cleanup", None)  # built artifacts of a backend (temp files)
-        if callable(cleanup):
-            cleanup()
+        if tgt.capabilities.cleanup:  # built artifacts of a backend (temp files)
+            tgt.cleanup()
 
 
 def register(app: typer.Typer) -> None:

@@ -88,7 +88,7 @@ class MeasureJob:
 
 def timed_as_pair(edge: Edge, by_fqn: dict[str, LayerSpec], target) -> bool:
     """Whether ``edge``'s transition is timed with its own two layers (else with stand-ins)."""
-    return hasattr(target, "build_pair") and chains(by_fqn[edge.src], by_fqn[edge.dst], edge)
+    return target.capabilities.pairs and chains(by_fqn[edge.src], by_fqn[edge.dst], edge)
 
 
 def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
@@ -102,7 +102,7 @@ def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
     next chunk of interleaved rounds, and a drift of the machine's speed over a long profile does not
     enter the difference."""
     jobs: list[MeasureJob] = []
-    if hasattr(target, "build_overhead"):
+    if target.capabilities.overhead:
         jobs.append(MeasureJob("overhead", OVERHEAD_SIGNATURE, FP32))
     layer_jobs: dict[str, list[MeasureJob]] = {}
     by_fqn = {s.fqn: s for s in specs}
@@ -115,7 +115,7 @@ def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
             else:
                 old = mine[at]
                 mine[at] = MeasureJob("layer", old.signature, p, spec=old.spec, fqns=old.fqns + (spec.fqn,))
-    if not (transitions and hasattr(target, "build_transition")):
+    if not (transitions and target.capabilities.transitions):
         return jobs + [j for mine in layer_jobs.values() for j in mine]
     for e in edges:
         if e.src not in by_fqn or e.dst not in by_fqn:
@@ -125,8 +125,7 @@ def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
     pairs = _transition_jobs(paired, by_fqn, target, as_pair=True)
     trans = _transition_jobs(loose, by_fqn, target, as_pair=False)
     shapes = list(dict.fromkeys(j.shape for j in trans))
-    stand_in = ({shape: target.transition_stand_in(shape).signature for shape in shapes}
-                if hasattr(target, "transition_stand_in") else {})
+    stand_in = {shape: target.transition_stand_in(shape).signature for shape in shapes}
     placed: set[str] = set(stand_in.values())
     placed_pairs: set[str] = set()
     for spec in specs:

@@ -2,7 +2,7 @@
 
 Resume is a property of the store: a job whose key is already stored (ok, or failed unless
 ``retry_failed``) is skipped, so rerunning an interrupted profile measures only what is missing.
-A speed gate times the speed probes (``lut.model.SPEED_PROBES``) beside every chunk of jobs and measures a
+A speed gate times the speed probes (``profilers/probes.py``) beside every chunk of jobs and measures a
 chunk again when the machine ran slow (:meth:`_Loop.step_chunk`).
 Build and run failures are rows (``error_msg``), not exceptions. Several run failures in a row
 (``max_run_failures``) mean the device is gone (RPC refused, board rebooted): the profile stops, and
@@ -26,6 +26,7 @@ from hwmpq.records import FP32, BuildResult, Edge, LayerSpec, MeasureConfig, Mea
 
 from .jobs import MeasureJob, plan_jobs
 
+from .probes import SPEED_PROBES
 
 @dataclass(frozen=True)
 class ProfileReport:
@@ -70,7 +71,7 @@ def _summarise(run: RunResult) -> tuple[float, float, float, int] | str:
 
 
 def _energy(target, job: MeasureJob, latency_ms: float) -> tuple[float | None, str]:
-    if job.kind != "layer" or not hasattr(target, "energy"):
+    if job.kind != "layer" or not target.capabilities.energy:
         return None, "modeled"
     try:
         mj, source = target.energy(job.spec, job.precision, latency_ms)
@@ -142,8 +143,6 @@ class _Loop:
         self.retried = 0  # chunks measured again because the machine ran slow
         self.kept: list[tuple[list, tuple]] = []  # committed chunks (their live jobs) and their probes' p10
         if speed_tolerance > 0 and not self.device.emulated:
-            from hwmpq.lut.model import SPEED_PROBES
-
             builds = [target.build_layer(p, FP32) for p in SPEED_PROBES]
             self.probes = [b for b in builds if b.artifact is not None and not b.error_msg]
 

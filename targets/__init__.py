@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import DeviceInfo, ExportResult, Target, TargetPrecisions
+from .base import Capabilities, DeviceInfo, ExportResult, Target, TargetPrecisions, check_capabilities
 
 # name prefix -> "module:factory"; the factory takes the text after ':' (if any) and keyword options
 _TARGETS = {
@@ -26,7 +26,10 @@ def get_target(name: str, **options) -> Target:
         raise UnknownTargetError(f"unknown target {name!r}; known: fake, ort-x86, tvm:PRESET")
     module, _, factory = _TARGETS[prefix].partition(":")
     cls = getattr(importlib.import_module(module), factory)
-    return cls(rest, **options) if rest else cls(**options)
+    target = cls(rest, **options) if rest else cls(**options)
+    check_capabilities(target)
+    return target
 
 
-__all__ = ["DeviceInfo", "ExportResult", "Target", "TargetPrecisions", "UnknownTargetError", "get_target"]
+__all__ = ["Capabilities", "DeviceInfo", "ExportResult", "Target", "TargetPrecisions", "UnknownTargetError",
+           "check_capabilities", "get_target"]

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from hwmpq.records import FP32, BuildResult, LayerSpec, MeasureConfig, Precision, RunResult
+from hwmpq.records import FP32, BitPlan, BuildResult, LayerSpec, MeasureConfig, Precision, RunResult
 
 
 @dataclass(frozen=True)
@@ -69,13 +69,35 @@ class ExportResult:
     warnings: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a target can do beyond building and timing one layer: data its callers read (a switched-off
+    capability is ``dataclasses.replace(target.capabilities, pairs=False)``). Each ``True`` promises the
+    methods of the protocol beside it (:func:`check_capabilities`)."""
+
+    transitions: bool = False  # TransitionBuilder: the cost of handing a tensor between two precisions
+    pairs: bool = False  # PairBuilder: a transition timed with the edge's own two layers
+    overhead: bool = False  # OverheadBuilder: the per-model constant
+    energy: bool = False  # EnergyModel: energy per layer row (measured or modeled)
+    kernel_trace: bool = False  # KernelTracer: per-kernel times inside a whole model (lut context rows)
+    export: bool = False  # Exporter: a whole quantized model as a deployable artifact
+    measure_artifact: bool = False  # ArtifactMeasurer: end-to-end latency of an exported artifact
+    cleanup: bool = False  # Cleanup: built files to remove when a profile ends
+
+    @property
+    def exports_and_measures(self) -> bool:
+        return self.export and self.measure_artifact
+
+
 @runtime_checkable
 class Target(Protocol):
-    """A backend: what it runs, how to build and time one layer, how to build and time a whole model."""
+    """A backend: what it runs, how to build and time one layer; ``capabilities`` says what else."""
 
     id: str  # e.g. "ort-x86", "tvm:arm-a72", "fake"
     precisions: TargetPrecisions
     placement: str  # where its exporter wants activation quantizers: "tensor" or "layer" (hwmpq/qmodules.py)
+    capabilities: Capabilities
+    threads: int  # the default MeasureConfig.threads of a profile on this target
 
     def device(self) -> DeviceInfo: ...
 
@@ -84,12 +106,76 @@ class Target(Protocol):
     def run(self, build: BuildResult, config: MeasureConfig) -> RunResult: ...
 
 
-# Optional methods a real backend adds (the profiler and the search check with hasattr):
-#   build_transition(shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult
-#       what it costs to hand a tensor of ``shape`` from a layer at ``src`` to one at ``dst``
-#   build_pair(src_spec, src: Precision, dst_spec, dst: Precision, activation: str, merge: str) -> BuildResult
-#       the same, timed with the edge's own two layers and activation (src_spec's output is dst_spec's input)
-#   build_overhead() -> BuildResult        the per-model constant (an empty session, I/O binding)
-#   energy(spec, precision, latency_ms) -> tuple[float | None, str]   (energy_mj, "measured"|"modeled")
-#   export(model, plan, example_input, out_dir, **options) -> ExportResult
-#   measure_artifact(export: ExportResult, config: MeasureConfig) -> RunResult
+@runtime_checkable
+class TransitionBuilder(Protocol):
+    def build_transition(self, shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult:
+        """What it costs to hand a tensor of ``shape`` from a layer at ``src`` to one at ``dst``."""
+
+    def transition_stand_in(self, shape: tuple[int, ...]) -> LayerSpec:
+        """The neighbour layer the transition chains use (profiled as a layer too)."""
+
+
+@runtime_checkable
+class PairBuilder(Protocol):
+    def build_pair(self, src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: Precision,
+                   activation: str = "relu", merge: str = "none") -> BuildResult:
+        """The edge's own two layers chained (``src_spec``'s output is ``dst_spec``'s input)."""
+
+
+@runtime_checkable
+class OverheadBuilder(Protocol):
+    def build_overhead(self) -> BuildResult:
+        """The per-model constant (an empty session, I/O binding)."""
+
+
+@runtime_checkable
+class EnergyModel(Protocol):
+    def energy(self, spec: LayerSpec, precision: Precision, latency_ms: float | None) -> tuple[float | None, str]:
+        """(energy_mj, "measured" | "modeled") of one layer row."""
+
+
+@runtime_checkable
+class KernelTracer(Protocol):
+    def kernel_samples(self, artifact: str, runs: int) -> list[tuple[str, tuple[int, ...], list[float]]]:
+        """(op, first input's shape, ms per run) of each layer-computing kernel of ``artifact``."""
+
+    def build_layer_with_activation(self, spec: LayerSpec, precision: Precision, activation: str,
+                                    merge: str = "none") -> BuildResult:
+        """The layer row's graph followed by its output edge's merge and activation."""
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    def export(self, model, plan: BitPlan, example_input, out_dir: str, **options) -> ExportResult:
+        """``model`` (already quantized with ``plan``) as a deployable artifact in ``out_dir``."""
+
+
+@runtime_checkable
+class ArtifactMeasurer(Protocol):
+    def measure_artifact(self, export: ExportResult, config: MeasureConfig) -> RunResult:
+        """End-to-end latency of an exported artifact."""
+
+
+@runtime_checkable
+class Cleanup(Protocol):
+    def cleanup(self) -> None:
+        """Remove the files this target built."""
+
+
+# capability -> the protocol a target declaring it implements
+CAPABILITY_PROTOCOLS: dict[str, type] = {
+    "transitions": TransitionBuilder, "pairs": PairBuilder, "overhead": OverheadBuilder, "energy": EnergyModel,
+    "kernel_trace": KernelTracer, "export": Exporter, "measure_artifact": ArtifactMeasurer, "cleanup": Cleanup,
+}
+
+
+def check_capabilities(target: Target) -> None:
+    """Raise TypeError if ``target`` declares a capability whose protocol it does not implement."""
+    caps = target.capabilities
+    if not isinstance(caps, Capabilities):
+        raise TypeError(f"target {target.id!r}: capabilities must be a Capabilities, got {type(caps).__name__}")
+    missing = [name for name, proto in CAPABILITY_PROTOCOLS.items()
+               if getattr(caps, name) and not isinstance(target, proto)]
+    if missing:
+        raise TypeError(f"target {target.id!r} declares {missing} but lacks their methods "
+                        f"({', '.join(CAPABILITY_PROTOCOLS[m].__name__ for m in missing)})")

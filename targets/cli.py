@@ -110,7 +110,7 @@ def export_command(
         if remote and not target.startswith("tvm:"):
             raise ValueError("--rpc/--tracker/--key are for tvm:PRESET targets")
         tgt = get_target(target, threads=threads, **remote)
-        if not hasattr(tgt, "export"):
+        if not tgt.capabilities.export:
             raise ValueError(f"target {target!r} has no exporter")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -9,7 +9,7 @@ import json
 
 from hwmpq.records import FP32, BuildResult, LayerSpec, MeasureConfig, Precision, RunResult
 
-from .base import DeviceInfo, TargetPrecisions
+from .base import Capabilities, DeviceInfo, TargetPrecisions
 
 _PRECISIONS = (FP32, Precision(8, 8), Precision(4, 8), Precision(4, 4), Precision(2, 2))
 
@@ -18,6 +18,7 @@ class FakeTarget:
     id = "fake"
     precisions = TargetPrecisions(conv=_PRECISIONS, dwconv=_PRECISIONS, linear=_PRECISIONS)
     placement = "tensor"
+    capabilities = Capabilities()  # layers only: no transitions, overhead, energy or whole models
 
     def __init__(self, threads: int = 1) -> None:
         self.threads = threads  # accepted like a real target's; the fake latency does not depend on it

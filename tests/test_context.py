@@ -1,13 +1,15 @@
-"""Kernels in context (lut/context.py): each layer's kernel timed inside the model's uniform plans and
-alone; the latency model adds the difference to the layer's row."""
+"""Kernels in context (profilers/context.py measures, lut/context.py prices): each layer's kernel timed
+inside the model's uniform plans and alone; the latency model adds the difference to the layer's row."""
 
 import numpy as np
 import onnx
 import pytest
-from hwmpq.lut.context import (
+
+from hwmpq.lut.context import apply_deltas, kernel_deltas
+from hwmpq.lut.model import build_table
+from hwmpq.lut.validate import format_report, validate
+from hwmpq.profilers.context import (
     KIND,
-    apply_deltas,
-    kernel_deltas,
     kernel_signature,
     match_kernels,
     model_signature,
@@ -15,13 +17,10 @@ from hwmpq.lut.context import (
     profile_context,
     uniform_plans,
 )
-from hwmpq.lut.model import build_table
-from hwmpq.lut.validate import format_report, validate
+from hwmpq.records import FP32, BitPlan, Edge, LayerSpec, MeasureConfig, Precision
 from hwmpq.targets.ort import layers
 from hwmpq.targets.ort.target import OrtTarget
 from hwmpq.targets.ort.timing import make_session, random_feeds
-
-from hwmpq.records import FP32, BitPlan, Edge, LayerSpec, MeasureConfig, Precision
 
 W8 = Precision(8, 8)
 A = LayerSpec("a", "conv", 4, 8, (3, 3), padding=(1, 1), in_hw=(4, 4), out_hw=(4, 4))
@@ -167,10 +166,11 @@ def test_a_plan_whose_kernels_cannot_be_matched_or_traced_is_skipped_with_a_warn
 @pytest.mark.slow
 def test_profile_cli_times_kernels_in_context_by_default(tmp_path):
     import typer
+    from typer.testing import CliRunner
+
     from hwmpq.lut.cli import lut_app
     from hwmpq.lut.store import LutStore
     from hwmpq.profilers.cli import register
-    from typer.testing import CliRunner
 
     app = typer.Typer()
     register(app)

@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
+
+from hwmpq.graph import analyse
 from hwmpq.lut.model import (
     ForeignTableError,
     MissingEntriesError,
@@ -17,9 +19,6 @@ from hwmpq.lut.model import (
     sharing_weights,
 )
 from hwmpq.lut.store import LutStore
-from hwmpq.targets.base import DeviceInfo, TargetPrecisions
-
-from hwmpq.graph import analyse
 from hwmpq.records import (
     FP32,
     BitPlan,
@@ -30,6 +29,7 @@ from hwmpq.records import (
     Precision,
     pair_signature,
 )
+from hwmpq.targets.base import Capabilities, DeviceInfo, TargetPrecisions
 from hwmpq.zoo import create_model
 
 W8 = Precision(8, 8)
@@ -41,6 +41,8 @@ class TwoPrecisionTarget:
 
     id = "hand"
     precisions = TargetPrecisions(conv=(FP32, W8), dwconv=(FP32, W8), linear=(FP32, W8))
+    capabilities = Capabilities(transitions=True)
+    threads = 1
 
     def device(self) -> DeviceInfo:
         return DeviceInfo("hand-device")
@@ -125,6 +127,8 @@ def test_a_boundary_never_earns_a_credit(tmp_path):
 
 class PairTarget(TwoPrecisionTarget):
     """The hand target that times edges with their own two layers (rows are still written by hand)."""
+
+    capabilities = Capabilities(transitions=True, pairs=True)
 
     def build_pair(self, *args):
         raise AssertionError("rows are written by hand")
@@ -256,6 +260,8 @@ def test_the_session_overhead_is_required_only_from_targets_that_can_measure_it(
         assert build_table(store, [B], [], CFG, target).constant_ms == 0.0
 
         class Measures(TwoPrecisionTarget):
+            capabilities = Capabilities(transitions=True, overhead=True)
+
             def build_overhead(self):
                 raise AssertionError("not called by build_table")
 

@@ -11,17 +11,18 @@ import pandas as pd
 import pytest
 import torch
 import typer
-from hwmpq.lut.cli import register
-from hwmpq.lut.fingerprint import cpu_details_from_cpuinfo, fingerprint
-from hwmpq.lut.io import export_lut, import_lut, merge
-from hwmpq.lut.store import SCHEMA_VERSION, CorruptLutError, ForeignLutError, LutError, LutStore
-from hwmpq.profilers.runner import profile
-from hwmpq.targets import get_target
-from hwmpq.targets.base import DeviceInfo
 from typer.testing import CliRunner
 
+from hwmpq.device import cpu_details_from_cpuinfo, fingerprint
 from hwmpq.graph import analyse
+from hwmpq.lut.cli import register
+from hwmpq.lut.io import export_lut, import_lut, merge
+from hwmpq.lut.schema import OLDEST_UPGRADABLE
+from hwmpq.lut.store import SCHEMA_VERSION, CorruptLutError, ForeignLutError, LutError, LutStore
+from hwmpq.profilers.runner import profile
 from hwmpq.records import FP32, W8A8, MeasureConfig, Measurement
+from hwmpq.targets import get_target
+from hwmpq.targets.base import DeviceInfo
 from hwmpq.zoo import create_model
 
 FAST = MeasureConfig(warmup=2, repeat=5)
@@ -154,6 +155,72 @@ def test_foreign_device_target_schema_refused_then_forced(fake_lut):
     with pytest.warns(UserWarning):
         LutStore.open(path, target="fake", device=fake.device(), force=True).close()
     LutStore.read(path).close()  # analysis never checks the device
+
+
+def _as_version(path, version: int) -> None:
+    """Rewrite a LUT of this schema version as a file of ``version`` (its rows renumbered, no inflight table)."""
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE inflight")
+    conn.execute("UPDATE measurements SET schema_version=?", (version,))
+    conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
+    conn.commit()
+    conn.close()
+
+
+def test_an_older_lut_is_upgraded_in_place_once(fake_lut):
+    fake = get_target("fake")
+    path, rows = fake_lut.path, sorted(fake_lut.measurements(), key=_key)
+    fake_lut.close()
+    _as_version(path, OLDEST_UPGRADABLE)
+    with LutStore.open(path, target="fake", device=fake.device()) as store:  # not foreign: upgraded
+        assert store.schema_version == SCHEMA_VERSION
+        assert sorted(store.measurements(), key=_key) == rows
+        store.add(dataclasses.replace(rows[0], latency_ms=1.5))  # writes (and the inflight table) work
+        assert store.get(rows[0].kind, rows[0].signature, rows[0].precision, FAST, rows[0].src_precision).latency_ms == 1.5
+    conn = sqlite3.connect(path)
+    assert {r[0] for r in conn.execute("SELECT DISTINCT schema_version FROM measurements")} == {SCHEMA_VERSION}
+    assert conn.execute("SELECT COUNT(*) FROM inflight").fetchone()[0] == 0
+    conn.close()
+
+
+def test_a_lut_older_than_the_migration_is_refused_naming_both_versions(fake_lut):
+    fake = get_target("fake")
+    path = fake_lut.path
+    fake_lut.close()
+    _as_version(path, OLDEST_UPGRADABLE - 1)
+    with pytest.raises(ForeignLutError, match=rf"schema version {OLDEST_UPGRADABLE - 1} \(this hwmpq reads version "
+                                              rf"{SCHEMA_VERSION}; .*cannot be upgraded"):
+        LutStore.open(path, target="fake", device=fake.device())
+    with LutStore.read(path) as store:  # analysis still reads it, as it was written
+        assert store.schema_version == OLDEST_UPGRADABLE - 1 and len(store) > 0
+
+
+def test_an_older_read_only_lut_says_it_must_be_writable_to_upgrade(fake_lut):
+    if os.geteuid() == 0:
+        pytest.skip("root writes read-only files")
+    path = fake_lut.path
+    fake_lut.close()
+    _as_version(path, OLDEST_UPGRADABLE)
+    os.chmod(path, 0o444)
+    with pytest.raises(LutError, match=rf"schema version {OLDEST_UPGRADABLE}.*to version {SCHEMA_VERSION}.*writable"):
+        LutStore.read(path)
+
+
+def test_an_export_of_an_older_version_imports_and_one_too_old_is_refused(tmp_path, fake_lut):
+    out = tmp_path / "old.csv"
+    export_lut(fake_lut, out, "csv")
+    df = pd.read_csv(out, dtype=str)  # every column as written
+    df["schema_version"] = OLDEST_UPGRADABLE
+    df.to_csv(out, index=False)
+    fake = get_target("fake")
+    with LutStore.open(tmp_path / "new.lut", target="fake", device=fake.device()) as into:
+        assert import_lut(out, into).added == len(fake_lut.measurements())
+        assert {m.precision for m in into.measurements()} == {m.precision for m in fake_lut.measurements()}
+    df["schema_version"] = OLDEST_UPGRADABLE - 1
+    df.to_csv(out, index=False)
+    with LutStore.open(tmp_path / "other.lut", target="fake", device=fake.device()) as into:
+        with pytest.raises(ForeignLutError, match=f"schema version {OLDEST_UPGRADABLE - 1}"):
+            import_lut(out, into)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])

@@ -73,8 +73,9 @@ def test_sigkill_mid_profile_loses_nothing(tmp_path):
 
     # the rerun goes through the same CLI in this process (one interpreter start less in the test budget)
     import typer
-    from hwmpq.profilers.cli import register
     from typer.testing import CliRunner
+
+    from hwmpq.profilers.cli import register
 
     app = typer.Typer()
     register(app)
@@ -93,10 +94,10 @@ def test_sigkill_mid_profile_loses_nothing(tmp_path):
     assert all(v[0] is not None for v in final.values()), [v for v in final.values() if v[0] is None]
 
     # the table is complete: every job the profiler plans for this model is in it
-    from hwmpq.lut.model import profiling_specs
     from hwmpq.lut.store import LutStore
     from hwmpq.profilers.cli import load_model_and_graph
     from hwmpq.profilers.jobs import plan_jobs
+    from hwmpq.profilers.probes import profiling_specs
     from hwmpq.targets import get_target
 
     _, _, specs, edges = load_model_and_graph("test_small", None, None)

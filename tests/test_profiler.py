@@ -5,6 +5,7 @@ needed; the fake target where only the control flow is under test)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -12,18 +13,18 @@ import numpy as np
 import pytest
 import torch
 import typer
-from hwmpq.lut.model import REFERENCE, SPEED_PROBES
-from hwmpq.lut.store import LutStore
-from hwmpq.profilers.cli import register
-from hwmpq.profilers.jobs import plan_jobs
-from hwmpq.profilers.runner import FIRST_CHUNK, profile
-from hwmpq.targets import get_target
-from hwmpq.targets.fake import FakeTarget
 from rich.console import Console
 from typer.testing import CliRunner
 
 from hwmpq.graph import analyse
+from hwmpq.lut.store import LutStore
+from hwmpq.profilers.cli import register
+from hwmpq.profilers.jobs import plan_jobs
+from hwmpq.profilers.probes import REFERENCE, SPEED_PROBES
+from hwmpq.profilers.runner import FIRST_CHUNK, profile
 from hwmpq.records import MeasureConfig, Measurement, Precision, RunResult, chains, pair_signature
+from hwmpq.targets import get_target
+from hwmpq.targets.fake import FakeTarget
 from hwmpq.zoo import create_model
 
 FAST = MeasureConfig(warmup=2, repeat=5)
@@ -79,22 +80,16 @@ def test_plan_jobs_unique_layers_and_transitions(resnet20_merged):
     assert not [j for j in plan_jobs(specs, edges, ort, transitions=False) if j.kind == "transition"]
 
 
-class StandInsOnly:
-    """ort-x86 without ``build_pair``: every transition is timed with stand-ins (as on tvm targets)."""
-
-    def __init__(self, target):
-        self._t = target
-
-    def __getattr__(self, name):
-        if name == "build_pair":
-            raise AttributeError(name)
-        return getattr(self._t, name)
+def stand_ins_only(target):
+    """``target`` without pairs: every transition is timed with stand-ins (as on tvm targets)."""
+    target.capabilities = dataclasses.replace(target.capabilities, pairs=False)
+    return target
 
 
 def test_each_pair_chain_is_measured_right_after_its_layers(resnet20_merged):
     """A pair's transition cost is its chain minus its two layers' rows: its chain jobs come right after
     the consumer's layer jobs (or another pair's chains into the same consumer), after the producer's."""
-    from hwmpq.lut.model import profiling_specs
+    from hwmpq.profilers.probes import profiling_specs
 
     specs, edges = resnet20_merged
     ort = get_target("ort-x86")
@@ -118,10 +113,10 @@ def test_each_pair_chain_is_measured_right_after_its_layers(resnet20_merged):
 def test_each_shapes_stand_in_is_measured_right_before_its_chains(resnet20_graph):
     """Transition costs are differences of chain and stand-in rows, so each shape's stand-in layer jobs
     come immediately before that shape's transition jobs (one block per shape, every job kept once)."""
-    from hwmpq.lut.model import profiling_specs
+    from hwmpq.profilers.probes import profiling_specs
 
     specs, edges = resnet20_graph
-    ort = StandInsOnly(get_target("ort-x86"))
+    ort = stand_ins_only(get_target("ort-x86"))
     jobs = plan_jobs(profiling_specs(specs, edges, ort), edges, ort)
     keys = [(j.kind, j.signature, j.src_precision, j.precision) for j in jobs]
     assert len(keys) == len(set(keys))
@@ -284,7 +279,7 @@ def test_profile_cli_errors_are_clear(tmp_path):
                               str(tmp_path / "ok.lut"), "--repeat", "3", "--warmup", "0"])
     assert res.exit_code == 0 and "measured" in res.output, res.output
     with LutStore.read(tmp_path / "ok.lut") as store:
-        # 5 layers and the two speed probes (lut.model.SPEED_PROBES), 5 precisions each
+        # 5 layers and the two speed probes (profilers/probes.py), 5 precisions each
         assert len(store) == 7 * 5 and {m.config.repeat for m in store.measurements()} == {3}
 
 

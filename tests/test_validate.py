@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from hwmpq.lut.model import SPEED_PROBES, MissingEntriesError
-from hwmpq.lut.validate import format_report, random_plans, validate
 
+from hwmpq.lut.model import MissingEntriesError
+from hwmpq.lut.validate import format_report, random_plans, validate
+from hwmpq.profilers.probes import SPEED_PROBES
 from hwmpq.records import FP32, MeasureConfig
 
 CFG = MeasureConfig(warmup=2, repeat=9)
@@ -47,8 +48,8 @@ def test_validate_reports_predicted_and_measured_per_plan(tiny_ort, tmp_path):
 
 def test_random_plans_only_use_allowed_precisions_and_are_seeded():
     import numpy as np
-    from hwmpq.lut.table import LatencyTable
 
+    from hwmpq.lut.table import LatencyTable
     from hwmpq.records import FP32, Precision
 
     cands = (Precision(4, 32), Precision(8, 8), FP32)

@@ -265,7 +265,7 @@ def export_row(ctx: Context, model: nn.Module, result: SearchResult, out_dir: Pa
     extra = {"budget_ms": ctx.budget.latency_ms, "budget_mj": ctx.budget.energy_mj,
              "predicted_ms": result.predicted_ms, "predicted_mj": result.predicted_mj, "test_acc": acc,
              "agreement": agreement}
-    if not hasattr(ctx.target, "export"):
+    if not ctx.target.capabilities.export:
         _log(f"[yellow]note[/]: target {ctx.target.id} cannot export whole models; not measured")
         return None
     return ctx.target.export(model, result.plan, ctx.example_input, str(out_dir), manifest_extra=extra)
@@ -280,7 +280,7 @@ def measure_together(ctx: Context, cfg: LoopConfig, rows: list[dict[str, Any]], 
     from hwmpq.lut.validate import measure_at_speed
 
     live = [(r, e) for r, e in zip(rows, exports, strict=True) if e is not None]
-    if not live or not hasattr(ctx.target, "measure_artifact"):
+    if not live or not ctx.target.capabilities.measure_artifact:
         return
     with LutStore.read(cfg.lut) as store:
         probe_rows = speed_rows(store, ctx.measure)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +18,7 @@ import onnx
 
 from hwmpq.records import FP32, BitPlan, BuildResult, LayerSpec, MeasureConfig, Precision, RunResult
 
-from ..base import DeviceInfo, ExportResult, TargetPrecisions
+from ..base import Capabilities, DeviceInfo, ExportResult, TargetPrecisions
 from . import layers
 from .timing import DISABLED_OPTIMIZERS, fast_int8_is_exact, time_model
 
@@ -34,27 +32,10 @@ ORT_PRECISIONS = TargetPrecisions(
 
 
 def cpu_details() -> dict[str, str]:
-    """CPU model and the ISA flags that matter for integer kernels (the LUT's fingerprint helper when
-    present, /proc/cpuinfo otherwise)."""
-    try:
-        from hwmpq.lut.fingerprint import local_cpu_details
+    """CPU model and the ISA flags that matter for integer kernels (hwmpq/device.py)."""
+    from hwmpq.device import local_cpu_details
 
-        return {str(k): str(v) for k, v in local_cpu_details().items()}
-    except ImportError:
-        pass
-    info = {"machine": platform.machine(), "os": platform.system(), "cores": str(os.cpu_count())}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        if line.startswith("model name") and "cpu_model" not in info:
-            info["cpu_model"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and "flags" not in info:
-            have = set(line.split(":", 1)[1].split())
-            wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
-            info["flags"] = ",".join(f for f in wanted if f in have)
-    return info
+    return {str(k): str(v) for k, v in local_cpu_details().items()}
 
 
 class OrtTarget:
@@ -68,6 +49,9 @@ class OrtTarget:
     id = "ort-x86"
     precisions = ORT_PRECISIONS
     placement = "tensor"  # one quantizer per tensor: ORT's QDQ convention (targets/ort/export.py)
+    # whole models export and run in seconds, so a profile also traces kernels in them (kernel_trace)
+    capabilities = Capabilities(transitions=True, pairs=True, overhead=True, energy=True, kernel_trace=True,
+                                export=True, measure_artifact=True, cleanup=True)
 
     def __init__(self, threads: int = 1, workdir: str | None = None, clock: str = "auto",
                  exact_u8s8: bool | None = None, **_: object) -> None:
@@ -139,11 +123,9 @@ class OrtTarget:
         """The neighbour layer the transition chains use; profile it as a layer too."""
         return layers.stand_in_spec(tuple(shape))
 
-    times_whole_models = True  # whole models export and run in seconds: the profile times them (lut/context.py)
-
     def kernel_samples(self, artifact: str, runs: int) -> list[tuple[str, tuple[int, ...], list[float]]]:
         """(op, first input's shape, ms per run) of each layer-computing kernel of ``artifact``, in execution
-        order (ORT's node profiler; lut/context.py compares a layer's kernel in the whole model and alone)."""
+        order (ORT's node profiler; profilers/context.py compares a layer's kernel in the whole model and alone)."""
         from .timing import kernel_samples
 
         return kernel_samples(artifact, self.threads, runs, str(self._dir()), self.exact_u8s8)

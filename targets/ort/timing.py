@@ -39,7 +39,7 @@ def fast_int8_is_exact(flags: str | None = None) -> bool:
     fast path equals the exact one on a layer built to saturate int16 pair sums (tests/test_ort_target.py)
     and runs a 64->64 3x3 conv at 16x16 in 0.053 ms against 0.130 ms (0.168 ms in fp32)."""
     if flags is None:
-        from hwmpq.lut.fingerprint import local_cpu_details
+        from hwmpq.device import local_cpu_details
 
         flags = local_cpu_details()["flags"]
     have = set(flags.replace(",", " ").split())

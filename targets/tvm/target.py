@@ -13,7 +13,7 @@ import numpy as np
 
 from hwmpq.records import BuildResult, LayerSpec, MeasureConfig, Precision, RunResult
 
-from ..base import DeviceInfo, TargetPrecisions
+from ..base import Capabilities, DeviceInfo, TargetPrecisions
 from . import rpc as rpcmod
 from .presets import get_preset, tvm_target
 
@@ -25,6 +25,8 @@ class TvmTarget:
     folder of the LUT so tuning is kept beside it). ``emulated``: None = detect (qemu-user), or force."""
 
     placement = "layer"  # its integer layers requantize per layer (targets/tvm/export.py)
+    # transitions are timed with stand-in layers (no pairs); no energy model; no per-kernel trace
+    capabilities = Capabilities(transitions=True, overhead=True, export=True, measure_artifact=True)
 
     def __init__(self, preset: str = "host", *, rpc: str | None = None, tracker: str | None = None,
                  key: str | None = None, tune_trials: int = 0, work_dir: str | None = None,
@@ -32,7 +34,6 @@ class TvmTarget:
         self.preset = get_preset(preset)
         self.id = f"tvm:{self.preset.name}"
         self.precisions: TargetPrecisions = self.preset.precisions
-        self.dot_intrin = self.preset.dot_intrin()  # int8 dense conv / linear instruction (None: Relax kernel)
         self.remote = rpcmod.RemoteSpec(rpc, tracker, key, timeout_s)
         if tune_trials < 0:
             raise ValueError(f"tune_trials must be >= 0, got {tune_trials}")
@@ -52,8 +53,10 @@ class TvmTarget:
             details["preset"] = self.preset.name
             details["tvm_target"] = str(self.tvm_target)  # resolved (host: mcpu/mattr from cpuinfo)
             details["tvm_client"] = _tvm_version()
-            if self.dot_intrin is not None:  # int8 rows measure that kernel: not comparable with others
-                details["int8_kernel"] = self.dot_intrin.kernel_name
+            if self.preset.dotprod:  # int8 rows measure the sdot kernel: not comparable with older rows
+                from .sdot import KERNEL_NAME
+
+                details["int8_kernel"] = KERNEL_NAME
             emulated = details.get("emulated_guess") == "True" if self._emulated is None else self._emulated
             details["emulated"] = str(emulated)
             stable = {k: v for k, v in details.items() if k != "emulated_guess"}
@@ -82,9 +85,9 @@ class TvmTarget:
                                      f"allowed: {[p.label for p in self.precisions.for_layer(spec)]}")
         from .layers import single_layer_module
 
-        intrin = self.dot_intrin
+        dotprod = self.preset.dotprod
         return self._build(f"{spec.signature}-{precision.label}",
-                           lambda: single_layer_module(spec, precision, intrin=intrin),
+                           lambda: single_layer_module(spec, precision, dotprod=dotprod),
                            f"building {spec.fqn or spec.signature} at {precision.label}")
 
     def build_transition(self, shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult:
@@ -102,7 +105,7 @@ class TvmTarget:
                                          f"({spec.kind}); allowed: {[q.label for q in self.precisions.for_layer(spec)]}")
         dims = "x".join(map(str, spec.input_shape))
         return self._build(f"transition-{dims}-{src.label}-{dst.label}",
-                           lambda: transition_module(shape, src, dst, intrin=self.dot_intrin),
+                           lambda: transition_module(shape, src, dst, dotprod=self.preset.dotprod),
                            f"building the transition {dims} {src.label}->{dst.label}")
 
     def transition_stand_in(self, shape: tuple[int, ...]) -> LayerSpec:
@@ -114,8 +117,7 @@ class TvmTarget:
     def _build(self, name: str, make, what: str) -> BuildResult:
         """Compile ``make() -> (IRModule, inputs)`` once into ``layers/PRESET/name/`` (reused if present)."""
         out = self.work_dir / "layers" / self.preset.name / name
-        kernel = f"-{self.dot_intrin.kernel_name}" if self.dot_intrin else ""
-        lib = out / f"t{self.tune_trials}{kernel}.so"  # another int8 kernel or budget: another file
+        lib = out / f"t{self.tune_trials}{'-sdot' if self.preset.dotprod else ''}.so"  # a new kernel: rebuild
         try:
             mod, inputs = make()
             if not lib.exists():
