@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from hwmpq.atomic import atomic_write
 from hwmpq.records import Precision
 
 
@@ -120,11 +121,7 @@ def plot_heatmap(matrix: LayerMatrix, path: str | os.PathLike, title: str = "") 
     if norm is not None:
         fig.colorbar(im, ax=ax, label=f"{matrix.value} (log scale)")
     fig.tight_layout()
-    tmp = f"{os.fspath(path)}.tmp.png"
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)  # readers never see half a PNG
+    try:  # readers never see half a PNG; savefig takes the format from the temporary file's extension
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

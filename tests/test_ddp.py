@@ -60,3 +60,13 @@ def test_ssps_under_torchrun_gloo_two_processes(tmp_path):
     assert r0["probs"] == r1["probs"]  # logits averaged by DDP: identical on both ranks
     assert r0["w"] == r1["w"]  # weights too
     assert r0["ms"] <= 3.0 and sorted(r0["order"]) == sorted(["conv1", "conv2", "dw", "pw", "fc"])
+
+
+def test_torchrun_entry_runs_the_search_command_in_one_process_too():
+    """``torchrun -m hwmpq.search.cli`` takes the options of ``hwmpq search``; without torchrun's
+    environment it runs as one process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    proc = subprocess.run([sys.executable, "-m", "hwmpq.search.cli", "--help"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--stat-assist" in proc.stdout and "--budget" in proc.stdout

@@ -43,8 +43,6 @@ KNOWN: dict[tuple[str, str], str] = {
     # the profile sequence (measure_missing, ProfileOptions) moves below the search: the engineer giving
     # the pipeline one home in hwmpq/api.py and hwmpq/search/loop.py
     ("hwmpq.search.loop", "hwmpq.api"): "api/loop refactor",
-    # ddp.py registers the search command: the loader/QAT engineer moves that into search/cli.py
-    ("hwmpq.search.ddp", "hwmpq.search.cli"): "loader/QAT engineer",
 }
 
 

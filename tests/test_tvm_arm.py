@@ -96,7 +96,7 @@ def test_dotprod_int8_layers_use_sdot_and_are_exact_on_aarch64(arm_server, tmp_p
 
 
 def _check_sdot_layers(a76: TvmTarget) -> dict[str, int]:
-    assert a76.device().details["int8_kernel"] == "sdot-4x4"
+    assert a76.device().details["int8_kernel"] == "sdot-tiled"
     counts = {}
     for spec in SDOT_SPECS:
         build = a76.build_layer(spec, W8A8)
@@ -110,6 +110,45 @@ def _check_sdot_layers(a76: TvmTarget) -> dict[str, int]:
         np.testing.assert_array_equal(out, ref)
         assert len(np.unique(ref)) > 2
     return counts
+
+
+def test_sdot_kernel_is_exact_on_aarch64_at_every_tile(arm_server, tmp_path):
+    """The tiled sdot kernel (requantize fused) cross-compiled at several register tiles, uint8 and int8
+    codes, run on the aarch64 server: equal to the integer reference at each tile."""
+    import tvm
+    from hwmpq.targets.tvm import dotconv
+    from hwmpq.targets.tvm.dot_intrin import SDOT
+    from hwmpq.targets.tvm.presets import get_preset, tvm_target
+    from hwmpq.targets.tvm.target import export_library
+
+    preset = get_preset("arm-a76-dotprod")
+    spec = LayerSpec("conv", "conv", 12, 24, (3, 3), (1, 1), (1, 1), in_hw=(8, 8), out_hw=(8, 8))
+    sess_target = TvmTarget("arm-a76-dotprod", rpc=arm_server, work_dir=str(tmp_path), timeout_s=600)
+    checked = 0
+    try:
+        sess = sess_target._pool.get()
+        for signed in (False, True):
+            p = dotconv_params(spec, signed)
+            x = L.int_input(spec, p, seed=3)
+            wl = dotconv.workload_of(spec, p, SDOT, list(x.shape))
+            tiles = dotconv.candidate_tiles(wl, SDOT)
+            for t in tiles[:2] + tiles[-1:]:
+                mod = L._wrap(lambda bb, v, p=p, t=t: dotconv.emit_int8(bb, v, spec, p, SDOT, tiles=t), x)
+                lib = tmp_path / f"k{signed}-{t.tile_w}x{t.tile_o}.so"
+                export_library(tvm.compile(mod, tvm_target(preset)), lib, preset)
+                assert _sdot_count(str(lib)) > 0
+                out = R.outputs_remote(sess, str(lib), [x])
+                np.testing.assert_array_equal(out, L.reference_int_layer(x, spec, p), err_msg=f"{t} {signed}")
+                checked += 1
+    finally:
+        sess_target.close()
+    assert checked == 6
+
+
+def dotconv_params(spec: LayerSpec, signed: bool):
+    from dataclasses import replace
+
+    return replace(L.random_int_params(spec, W8A8, seed=2), in_signed=signed)
 
 
 def _export_tiny(arm_server, tmp_path, preset: str, plan: BitPlan):
@@ -132,7 +171,8 @@ def test_dotprod_export_uses_sdot_and_matches_torch_on_aarch64(arm_server, tmp_p
     print("export verification:", manifest["verification"], "sdot in model.so:", _sdot_count(res.artifact))
     assert manifest["verification"]["ok"] and manifest["emulated"], manifest["verification"]
     assert manifest["verification"]["max_lsb"] < 1e-6  # fixed seed: exactly torch's codes (observed 0.0)
-    assert manifest["sdot_layers"] == ["conv1", "conv2", "pw", "fc"]  # dw: the Relax kernel
+    assert manifest["dot_layers"] == ["conv1", "conv2", "pw", "fc"]  # dw: the Relax kernel
+    assert manifest["int8_kernel"] == "sdot-tiled"
     assert _sdot_count(res.artifact) > 0
 
 
@@ -168,7 +208,7 @@ def test_export_without_board_writes_unverified_artifact(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["verified"] is False and manifest["verification"].startswith("no --rpc/--tracker given")
     assert manifest["device"] is None and manifest["emulated"] is None
-    assert manifest["sdot_layers"] == ["conv1", "conv2"] and manifest["integer_layers"][-1] == "pw"
+    assert manifest["dot_layers"] == ["conv1", "conv2"] and manifest["integer_layers"][-1] == "pw"
     info = subprocess.run(["file", str(out / "model.so")], capture_output=True, text=True).stdout
     assert "aarch64" in info and "ELF" in info
     assert _sdot_count(str(out / "model.so")) > 0  # the w8a8 convs went through sdot

@@ -1,5 +1,6 @@
-"""The sdot int8 kernel (targets/tvm/sdot.py) without an ARM CPU: weight packing, the uint8 -> int8 shift
-with its bias correction (numpy), and the same TE computation untensorized on this CPU (real TVM build)."""
+"""The int8 dot-product kernel (targets/tvm/dotconv.py): weight packing, the input shift with its bias
+correction (numpy), the sdot computation untensorized on this CPU, and the VNNI kernel tensorized and
+run on this CPU at several register tiles (real TVM builds). sdot itself runs in test_tvm_arm.py (qemu)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hwmpq.targets.tvm import dotconv
 from hwmpq.targets.tvm import layers as L
-from hwmpq.targets.tvm import sdot
+from hwmpq.targets.tvm.dot_intrin import SDOT, VNNI
 from hwmpq.targets.tvm.presets import PRESETS
 
 from hwmpq.records import W8A8, LayerSpec
@@ -39,29 +41,35 @@ def _requantize_np(acc: np.ndarray, p) -> np.ndarray:
 
 def test_pack_weights_layout_and_zero_padding():
     w = np.random.default_rng(0).integers(-127, 128, (10, 6, 3, 2)).astype(np.int8)
-    wp = sdot.pack_weights(w)
+    wp = dotconv.pack_weights(w, SDOT.lanes)
     assert wp.shape == (3, 3, 2, 2, 4, 4) and wp.dtype == np.int8
     for o, c, r, s in [(0, 0, 0, 0), (9, 5, 2, 1), (5, 3, 1, 0), (7, 4, 2, 1)]:
         assert wp[o // 4, r, s, c // 4, o % 4, c % 4] == w[o, c, r, s]
     assert not wp[2, :, :, :, 2:].any() and not wp[:, :, :, 1, :, 2:].any()  # O 10 -> 12, C 6 -> 8: zeros
-    assert sdot.pack_weights(w[:, :, 0, 0]).shape == (3, 1, 1, 2, 4, 4)  # linear
+    assert dotconv.pack_weights(w[:, :, 0, 0]).shape == (3, 1, 1, 2, 4, 4)  # linear
+    wv = dotconv.pack_weights(w, VNNI.lanes)  # 16 lanes: O 10 -> 16
+    assert wv.shape == (1, 3, 2, 2, 16, 4) and wv[0, 2, 1, 1, 9, 1] == w[9, 5, 2, 1] and not wv[0, ..., 10:, :].any()
 
 
 def test_shifted_bias_makes_the_shift_exact_and_refuses_int32_overflow():
     w = np.array([[127, -3, 5, 0], [-127, -127, -127, -127]], np.int8)
     x = np.array([0, 255, 17, 128], np.int64)
     bias = np.array([7, -2**31 + 128 * 508], np.int32)
-    np.testing.assert_array_equal((x - 128) @ w.T.astype(np.int64) + sdot.shifted_bias(w, bias),
+    np.testing.assert_array_equal((x - 128) @ w.T.astype(np.int64) + dotconv.shifted_bias(w, bias),
                                   x @ w.T.astype(np.int64) + bias)
     with pytest.raises(ValueError, match="overflows int32"):
-        sdot.shifted_bias(w, np.array([2**31 - 1, 0], np.int32))
+        dotconv.shifted_bias(w, np.array([2**31 - 1, 0], np.int32))
+    x8 = np.array([-128, 127, 17, 0], np.int64)  # VNNI takes uint8: int8 codes shift by +128
+    np.testing.assert_array_equal((x8 + 128) @ w.T.astype(np.int64) + dotconv.shifted_bias(w, bias, 128),
+                                  x8 @ w.T.astype(np.int64) + bias)
 
 
+@pytest.mark.parametrize("intrin", [SDOT, VNNI], ids=["sdot", "vnni"])
 @pytest.mark.parametrize("signed", [False, True], ids=["uint8-in", "int8-in"])
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_packed_shifted_model_equals_the_integer_reference(spec, signed):
+def test_packed_shifted_model_equals_the_integer_reference(spec, signed, intrin):
     p, x = _params(spec, signed)
-    np.testing.assert_array_equal(_requantize_np(sdot.reference_acc(x, spec, p), p),
+    np.testing.assert_array_equal(_requantize_np(dotconv.reference_acc(x, spec, p, intrin), p),
                                   L.reference_int_layer(x, spec, p))
 
 
@@ -69,8 +77,9 @@ def test_which_layers_and_presets_use_sdot():
     assert [n for n, pr in PRESETS.items() if pr.dotprod] == ["arm-a76-dotprod"]
     dw = LayerSpec("dw", "dwconv", 8, 8, (3, 3), (1, 1), (1, 1), groups=8, in_hw=(5, 5), out_hw=(5, 5))
     grouped = LayerSpec("g", "conv", 8, 8, (3, 3), groups=2, in_hw=(5, 5), out_hw=(3, 3))
-    assert all(L.uses_sdot(s, True) for s in SPECS) and not any(L.uses_sdot(s, False) for s in SPECS)
-    assert not L.uses_sdot(dw, True) and not L.uses_sdot(grouped, True)
+    assert all(L.uses_dot_kernel(s, SDOT) for s in SPECS) and not any(L.uses_dot_kernel(s, None) for s in SPECS)
+    assert not L.uses_dot_kernel(dw, SDOT) and not L.uses_dot_kernel(grouped, VNNI)
+    assert PRESETS["arm-a76-dotprod"].dot_intrin() is SDOT and PRESETS["arm-a72"].dot_intrin() is None
 
 
 @pytest.mark.tvm
@@ -83,11 +92,47 @@ def test_untensorized_kernel_is_exact_on_this_cpu(spec):
         p, x = _params(spec, signed)
 
         def emit(bb, v, p=p):
-            acc, bias = sdot.emit_acc(bb, v, spec, p, tensorize=False)
-            return L._requantize(bb, acc, replace(p, bias_i32=bias))
+            return dotconv.emit_int8(bb, v, spec, p, SDOT, tensorize=False)
 
         ex = tvm.compile(L._wrap(emit, x), "llvm")
         out = tvm.relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
         ref = L.reference_int_layer(x, spec, p)
         np.testing.assert_array_equal(out, ref)
+        assert len(np.unique(ref)) > 2
+
+
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512_vnni", "avx512bw"} <= set(flags)
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_vnni(), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("spec", SPECS + [LayerSpec("wide", "conv", 40, 48, (3, 3), (1, 1), (1, 1), in_hw=(6, 6),
+                                                    out_hw=(6, 6))], ids=IDS + ["wide"])
+def test_vnni_kernel_is_exact_on_this_cpu_at_every_tile(spec):
+    """The tensorized vpdpbusd kernel, requantize fused, at each candidate register tile, equals the
+    integer reference (uint8 codes as they are, int8 codes shifted)."""
+    tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e .[tvm])")
+    from hwmpq.targets.tvm.presets import get_preset, tvm_target
+
+    target = tvm_target(get_preset("host"))
+    assert get_preset("host").dot_intrin() is VNNI
+    for signed in (False, True):
+        p, x = _params(spec, signed)
+        wl = dotconv.workload_of(spec, p, VNNI, list(x.shape))
+        ref = L.reference_int_layer(x, spec, p).reshape(wl.n, *wl.out_hw, wl.o)
+        args = [x.reshape(wl.n, wl.h, wl.w, wl.c), dotconv.pack_weights(p.w_q, VNNI.lanes),
+                dotconv.shifted_bias(p.w_q, p.bias_i32, dotconv.input_shift(VNNI, p.in_dtype)), p.multiplier]
+        tiles = dotconv.candidate_tiles(wl, VNNI)
+        for t in tiles[:2] + tiles[-1:]:
+            lib = tvm.compile(tvm.IRModule({"main": dotconv.kernel_primfunc(wl, VNNI, t)}), target)
+            out = tvm.runtime.tensor(np.zeros(ref.shape, np.int8))
+            lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
+            np.testing.assert_array_equal(out.numpy(), ref, err_msg=f"{spec.fqn} {t} signed={signed}")
         assert len(np.unique(ref)) > 2

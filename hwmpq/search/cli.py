@@ -66,7 +66,7 @@ def search_command(
     quantized and calibrated, and the table gives test accuracy (labelled data) and top-1 agreement with the
     float model. Unlabelled data: the float model's own predictions serve as the sensitivities' labels.
 
-    Runs under torchrun too (supernet training with DDP, gloo): torchrun --nproc_per_node 2 -m hwmpq.search.ddp ...
+    Runs under torchrun too (supernet training with DDP, gloo): torchrun --nproc_per_node 2 -m hwmpq.search.cli ...
     """
     from .loop import LoopConfig, run_loop
 
@@ -132,3 +132,33 @@ def demo_command(
 def register(app: typer.Typer) -> None:
     app.command("search")(search_command)
     app.command("demo")(demo_command)
+
+
+def torchrun_main(argv: list[str] | None = None) -> None:
+    """``hwmpq search`` on more than one process, launched by torchrun::
+
+        torchrun --nproc_per_node 2 -m hwmpq.search.cli --method ssps --model resnet20 --data fashion-mnist \\
+            --target ort-x86 --lut lut.sqlite --budget 0.6x --out plan.json
+
+    takes the options of ``hwmpq search``. Every process trains the supernet on its shard of the train and
+    val splits (hwmpq/search/distributed.py); DDP averages the gradients of the weights, quantizer scales and
+    architecture logits, so the logits, the Gumbel noise (same seed everywhere) and the SSPS fixing decisions
+    are identical on all ranks. Rank 0 alone fine-tunes, exports, measures and writes files."""
+    import sys
+
+    import torch
+
+    from .distributed import init_from_env, is_dist
+
+    init_from_env()
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    register(app)
+    try:
+        app(["search", *(argv if argv is not None else sys.argv[1:])])
+    finally:
+        if is_dist():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torchrun_main()

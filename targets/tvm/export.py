@@ -33,7 +33,7 @@ from .layers import (
     emit_int8_layer,
     emit_quantize,
     is_bitserial,
-    uses_sdot,
+    uses_dot_kernel,
 )
 
 
@@ -59,25 +59,25 @@ def _quant_params(q: QuantLayer):
     return p, s_in, s_out, q.in_quant.range
 
 
-def _emit_quant_layer(bb, x, fqn: str, q: QuantLayer, spec, dotprod: bool):
+def _emit_quant_layer(bb, x, fqn: str, q: QuantLayer, spec, intrin):
     p, s_in, s_out, (qmin, qmax) = _quant_params(q)
     if q.precision != W8A8 and not is_bitserial(q.precision):
         raise ExportError(f"layer {fqn!r}: {q.precision.label} has no TVM integer kernel; use w8a8 or bitserial")
     conv = spec.kind != "linear"
     xq = emit_quantize(bb, x, s_in, (qmin, qmax), p.in_dtype, conv)
     try:
-        yq = emit_int8_layer(bb, xq, spec, p, dotprod) if q.precision == W8A8 else emit_bitserial_layer(bb, xq, spec, p)
+        yq = emit_int8_layer(bb, xq, spec, p, intrin) if q.precision == W8A8 else emit_bitserial_layer(bb, xq, spec, p)
     except ValueError as e:
         raise ExportError(f"layer {fqn!r} at {q.precision.label}: {e}") from None
     return emit_dequantize(bb, yq, s_out, conv)
 
 
-def _emit_module(bb, x, mod: nn.Module, name: str, specs, dotprod: bool):
+def _emit_module(bb, x, mod: nn.Module, name: str, specs, intrin):
     from tvm import relax
 
     op = relax.op
     if isinstance(mod, QuantLayer):
-        return _emit_quant_layer(bb, x, name, mod, specs[name], dotprod)
+        return _emit_quant_layer(bb, x, name, mod, specs[name], intrin)
     if isinstance(mod, (nn.Conv2d, nn.Linear)):
         b = None if mod.bias is None else mod.bias.detach().numpy()
         return emit_float_layer(bb, x, specs[name], mod.weight.detach().numpy(), b)
@@ -160,9 +160,10 @@ class _FloatOps:
                               f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
 
 
-def build_relax(qmodel: nn.Module, example: torch.Tensor, specs, dotprod: bool = False) -> object:
-    """The quantized model (after ``quantize_`` and calibration) as a Relax IRModule (``dotprod``: w8a8
-    dense conv / linear layers through sdot, as the profiler builds them for a ``+dotprod`` preset)."""
+def build_relax(qmodel: nn.Module, example: torch.Tensor, specs, intrin=None) -> object:
+    """The quantized model (after ``quantize_`` and calibration) as a Relax IRModule (``intrin``: the
+    target's dot-product instruction; w8a8 dense conv / linear layers then use the kernel the profiler
+    builds for it, dotconv.py)."""
     from tvm import relax
 
     graph = _Tracer().trace(qmodel)
@@ -182,7 +183,7 @@ def build_relax(qmodel: nn.Module, example: torch.Tensor, specs, dotprod: bool =
                     out = bb.emit_output(args[0])
                     continue
                 elif node.op == "call_module":
-                    env[node] = _emit_module(bb, args[0], modules[node.target], node.target, specs, dotprod)
+                    env[node] = _emit_module(bb, args[0], modules[node.target], node.target, specs, intrin)
                 elif node.op in ("call_function", "call_method"):
                     env[node] = _emit_call(bb, node, args, int(example.shape[0]))
                 if env.get(node) is None:
@@ -255,8 +256,8 @@ def export_model(target, model: nn.Module, plan: BitPlan, example_input: torch.T
         plan.validate_against(list(specs), allowed)
     except ValueError as e:
         raise ExportError(f"plan does not fit {target.id}: {e}") from None
-    dotprod = target.preset.dotprod
-    mod = build_relax(qmodel, example_input, specs, dotprod)
+    intrin = target.dot_intrin
+    mod = build_relax(qmodel, example_input, specs, intrin)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -281,7 +282,8 @@ def export_model(target, model: nn.Module, plan: BitPlan, example_input: torch.T
         "emulated": None if device is None else device.emulated,
         "verified": verified, "plan": to_jsonable(plan), "integer_layers": list(integer),
         "float_layers": list(floats),
-        "sdot_layers": [n for n in integer if layers[n].precision == W8A8 and uses_sdot(specs[n], dotprod)],
+        "int8_kernel": intrin.kernel_name if intrin else "relax",
+        "dot_layers": [n for n in integer if layers[n].precision == W8A8 and uses_dot_kernel(specs[n], intrin)],
         "scales": _scales(qmodel), "verification": check, "build_s": build_s,
         "tune_trials": target.tune_trials, "input_shape": list(example_input.shape),
         "versions": {"tvm": _tvm_version(), "torch": torch.__version__},

@@ -1,5 +1,5 @@
 """The integer form of one quantized layer (weight codes, int32 bias, float32 requantization multiplier),
-shared by the Relax builders (layers.py) and the sdot kernel (sdot.py)."""
+shared by the Relax builders (layers.py) and the dot-product kernel (dotconv.py)."""
 
 from __future__ import annotations
 

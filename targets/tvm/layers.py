@@ -4,9 +4,10 @@ Integer numerics (the contract with hwmpq's torch ``QuantLayer``): input codes `
 ReLU, else int8), per-output-channel symmetric weight codes ``w_q``, ``acc = conv(x_q, w_q)`` in int32,
 ``acc += round_half_even(bias / (s_in * s_w))`` (int32), then requantize in float32:
 ``out_q = clip(round_half_even(float32(acc) * float32(s_in * s_w / s_out)), qmin, qmax)`` as int8.
-TVM's ``round`` is round-half-to-even (checked in tests). Integer layers are NHWC (OHWI weights) so a
-``+dotprod`` target can tensorize to sdot: with ``dotprod=True`` (the arm-a76-dotprod preset) dense convs
-and linear layers accumulate through the sdot kernel of sdot.py (depthwise keeps the Relax kernel).
+TVM's ``round`` is round-half-to-even (checked in tests). Integer layers are NHWC (OHWI weights). Where
+the target has a 4-element dot-product instruction (``intrin``: ARM sdot on arm-a76-dotprod, AVX-512 VNNI
+on a host that has it; dot_intrin.py), dense convs and linear layers are one tiled kernel tensorized to
+it with the requantize fused (dotconv.py); depthwise and grouped convs keep the Relax kernel.
 Bitserial layers use TOPI's unsigned x unsigned
 ``bitserial_conv2d_nhwc`` / ``bitserial_dense`` on offset weights ``w_u = w_q + 2^(w_bits-1)`` and
 subtract ``2^(w_bits-1) * boxsum(x_q)`` (an int32 one-channel conv) to get the signed product exactly.
@@ -14,13 +15,12 @@ subtract ``2^(w_bits-1) * boxsum(x_q)`` (an int32 one-channel conv) to get the s
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from hwmpq.records import LayerSpec, Precision
 
-from . import sdot
+from . import dotconv
+from .dot_intrin import DotIntrin
 from .int_params import IntLayerParams, int_params
 from .presets import BITSERIAL_PRECISIONS
 
@@ -61,18 +61,17 @@ def _requantize(bb, acc, p: IntLayerParams):
     return bb.emit(relax.op.astype(relax.op.clip(relax.op.round(f), lo, hi), "int8"))
 
 
-def uses_sdot(spec: LayerSpec, dotprod: bool) -> bool:
-    """Whether :func:`emit_int8_layer` builds this layer with the sdot kernel."""
-    return dotprod and sdot.supports(spec)
+def uses_dot_kernel(spec: LayerSpec, intrin: DotIntrin | None) -> bool:
+    """Whether :func:`emit_int8_layer` builds this layer with the dot-product kernel (dotconv.py)."""
+    return intrin is not None and dotconv.supports(spec)
 
 
-def emit_int8_layer(bb, xq, spec: LayerSpec, p: IntLayerParams, dotprod: bool = False):
+def emit_int8_layer(bb, xq, spec: LayerSpec, p: IntLayerParams, intrin: DotIntrin | None = None):
     """int8/uint8 x int8 -> int32 (+bias) -> requantized int8 codes. ``xq``: NHWC (linear: N,C) codes.
-    ``dotprod``: the target has ``+dotprod``; dense conv and linear then accumulate through sdot."""
+    ``intrin``: the target's dot-product instruction; dense conv and linear then run dotconv's kernel."""
     relax = _rx()
-    if uses_sdot(spec, dotprod):
-        acc, bias = sdot.emit_acc(bb, xq, spec, p)
-        return _requantize(bb, acc, replace(p, bias_i32=bias))
+    if uses_dot_kernel(spec, intrin):
+        return dotconv.emit_int8(bb, xq, spec, p, intrin)
     if spec.kind == "linear":
         w = relax.const(np.ascontiguousarray(p.w_q.T))
         acc = bb.emit(relax.op.matmul(xq, w, out_dtype="int32"))
@@ -198,13 +197,13 @@ def emit_glue(bb, y, nhwc: bool, src: Precision, dst: Precision):
 
 
 def transition_module(shape: tuple[int, ...], src: Precision, dst: Precision, seed: int = 0,
-                      dotprod: bool = False):
+                      intrin: DotIntrin | None = None):
     """(IRModule, [example input]) of the chain ``stand_in(src) -> glue -> stand_in(dst)``, each stand-in
     built exactly like its single-layer row (same seed, same I/O). Its time C(src, dst) minus the
     stand-ins' rows is what a layer boundary costs in an exported model (lut/model.py)."""
     spec = stand_in_spec(shape)
-    emit_a, x, _ = _layer_emitter(spec, src, seed, dotprod)
-    emit_b, _, _ = _layer_emitter(spec, dst, seed, dotprod)
+    emit_a, x, _ = _layer_emitter(spec, src, seed, intrin)
+    emit_b, _, _ = _layer_emitter(spec, dst, seed, intrin)
     nhwc = spec.kind != "linear"
     return _wrap(lambda bb, v: emit_b(bb, emit_glue(bb, emit_a(bb, v), nhwc, src, dst)), x), [x]
 
@@ -241,7 +240,7 @@ def _reference_layer(x: np.ndarray, spec: LayerSpec, precision: Precision, seed:
     return y.float().numpy()
 
 
-def _layer_emitter(spec: LayerSpec, precision: Precision, seed: int = 0, dotprod: bool = False):
+def _layer_emitter(spec: LayerSpec, precision: Precision, seed: int = 0, intrin: DotIntrin | None = None):
     """(emit(bb, x) -> output, example input, params) for one layer with random shape-true parameters:
     float NCHW (linear: N,C) in and out; integer NHWC codes in (uint8) and out (int8). ``params`` is
     (weight, bias) for float, :class:`IntLayerParams` for integer layers."""
@@ -256,7 +255,7 @@ def _layer_emitter(spec: LayerSpec, precision: Precision, seed: int = 0, dotprod
     p = random_int_params(spec, precision, seed)
     x = int_input(spec, p, seed + 1)
     if precision == Precision(8, 8):
-        return (lambda bb, v: emit_int8_layer(bb, v, spec, p, dotprod)), x, p
+        return (lambda bb, v: emit_int8_layer(bb, v, spec, p, intrin)), x, p
     elif is_bitserial(precision):
         _check_bitserial(spec, p)  # before the builder opens a function: a clean error, no dangling blocks
         emit = emit_bitserial_layer
@@ -266,10 +265,10 @@ def _layer_emitter(spec: LayerSpec, precision: Precision, seed: int = 0, dotprod
     return (lambda bb, v: emit(bb, v, spec, p)), x, p
 
 
-def single_layer_module(spec: LayerSpec, precision: Precision, seed: int = 0, dotprod: bool = False):
-    """(IRModule with ``main``, [example input]) for profiling one layer at ``precision`` (``dotprod``:
-    build int8 the way a ``+dotprod`` preset deploys it, see :func:`emit_int8_layer`)."""
-    emit, x, _ = _layer_emitter(spec, precision, seed, dotprod)
+def single_layer_module(spec: LayerSpec, precision: Precision, seed: int = 0, intrin: DotIntrin | None = None):
+    """(IRModule with ``main``, [example input]) for profiling one layer at ``precision`` (``intrin``:
+    build int8 the way a target with that instruction deploys it, see :func:`emit_int8_layer`)."""
+    emit, x, _ = _layer_emitter(spec, precision, seed, intrin)
     return _wrap(emit, x), [x]
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from hwmpq.records import FP32, Precision
 
 from ..base import TargetPrecisions
+from .dot_intrin import DotIntrin, for_target
 
 AARCH64_CXX = "aarch64-linux-gnu-g++"
 
@@ -43,8 +44,16 @@ class TvmPreset:
 
     @property
     def dotprod(self) -> bool:
-        """The target has ``+dotprod``: int8 dense conv and linear layers are built with sdot (sdot.py)."""
+        """The target has ``+dotprod``: int8 dense conv and linear layers are built with sdot."""
         return "+dotprod" in self.target.get("mattr", ())
+
+    def dot_intrin(self) -> DotIntrin | None:
+        """The dot-product instruction the int8 kernels use (dot_intrin.py): sdot with ``+dotprod``, VNNI on
+        a host whose CPU flags have it, else None (the Relax kernel)."""
+        spec = dict(self.target)
+        if self.is_host:
+            spec.update(host_cpu_attrs())
+        return for_target(spec)
 
 
 def _arm(mcpu: str | None, mattr: tuple[str, ...], cores: int = 4) -> dict[str, object]:

@@ -34,6 +34,7 @@ class TvmTarget:
         self.preset = get_preset(preset)
         self.id = f"tvm:{self.preset.name}"
         self.precisions: TargetPrecisions = self.preset.precisions
+        self.dot_intrin = self.preset.dot_intrin()  # int8 dense conv / linear instruction (None: Relax kernel)
         self.remote = rpcmod.RemoteSpec(rpc, tracker, key, timeout_s)
         if tune_trials < 0:
             raise ValueError(f"tune_trials must be >= 0, got {tune_trials}")
@@ -53,10 +54,8 @@ class TvmTarget:
             details["preset"] = self.preset.name
             details["tvm_target"] = str(self.tvm_target)  # resolved (host: mcpu/mattr from cpuinfo)
             details["tvm_client"] = _tvm_version()
-            if self.preset.dotprod:  # int8 rows measure the sdot kernel: not comparable with older rows
-                from .sdot import KERNEL_NAME
-
-                details["int8_kernel"] = KERNEL_NAME
+            if self.dot_intrin is not None:  # int8 rows measure that kernel: not comparable with others
+                details["int8_kernel"] = self.dot_intrin.kernel_name
             emulated = details.get("emulated_guess") == "True" if self._emulated is None else self._emulated
             details["emulated"] = str(emulated)
             stable = {k: v for k, v in details.items() if k != "emulated_guess"}
@@ -85,9 +84,9 @@ class TvmTarget:
                                      f"allowed: {[p.label for p in self.precisions.for_layer(spec)]}")
         from .layers import single_layer_module
 
-        dotprod = self.preset.dotprod
+        intrin = self.dot_intrin
         return self._build(f"{spec.signature}-{precision.label}",
-                           lambda: single_layer_module(spec, precision, dotprod=dotprod),
+                           lambda: single_layer_module(spec, precision, intrin=intrin),
                            f"building {spec.fqn or spec.signature} at {precision.label}")
 
     def build_transition(self, shape: tuple[int, ...], src: Precision, dst: Precision) -> BuildResult:
@@ -105,7 +104,7 @@ class TvmTarget:
                                          f"({spec.kind}); allowed: {[q.label for q in self.precisions.for_layer(spec)]}")
         dims = "x".join(map(str, spec.input_shape))
         return self._build(f"transition-{dims}-{src.label}-{dst.label}",
-                           lambda: transition_module(shape, src, dst, dotprod=self.preset.dotprod),
+                           lambda: transition_module(shape, src, dst, intrin=self.dot_intrin),
                            f"building the transition {dims} {src.label}->{dst.label}")
 
     def transition_stand_in(self, shape: tuple[int, ...]) -> LayerSpec:
@@ -117,7 +116,8 @@ class TvmTarget:
     def _build(self, name: str, make, what: str) -> BuildResult:
         """Compile ``make() -> (IRModule, inputs)`` once into ``layers/PRESET/name/`` (reused if present)."""
         out = self.work_dir / "layers" / self.preset.name / name
-        lib = out / f"t{self.tune_trials}{'-sdot' if self.preset.dotprod else ''}.so"  # a new kernel: rebuild
+        kernel = f"-{self.dot_intrin.kernel_name}" if self.dot_intrin else ""
+        lib = out / f"t{self.tune_trials}{kernel}.so"  # another int8 kernel or budget: another file
         try:
             mod, inputs = make()
             if not lib.exists():

@@ -5,6 +5,8 @@ On the ``host`` preset candidates run locally (MetaSchedule's LocalRunner). On a
 needs a tracker (its RPCRunner asks a tracker for a device): ``--tracker HOST:PORT --key K``. A direct
 ``--rpc`` connection can profile untuned kernels only. The cost model is ``random`` (xgboost is not
 installed here); with tiny budgets this is a random search over valid schedules.
+The int8 dot-product kernels (dotconv.py) are hand-scheduled and skipped by MetaSchedule; their register
+tiles are tuned by dot_tuning.py (host only) into the same folder, and applied by the same compile.
 """
 
 from __future__ import annotations
@@ -79,18 +81,34 @@ def _builder(preset: TvmPreset, timeout_s: float):
 def tune(mod, target, preset: TvmPreset, work_dir: str | os.PathLike, trials: int, *,
          tracker: str | None = None, key: str | None = None, timeout_s: float = 30.0) -> None:
     """Tune every task of ``mod`` with at most ``trials`` candidates in total; results land in the
-    preset's database (already-tuned workloads are measured again only if the budget allows)."""
-    from tvm.s_tir import meta_schedule as ms
+    preset's database (already-tuned workloads are measured again only if the budget allows). The
+    dot-product kernels get up to ``trials`` tile candidates each (host only; dot_tuning.py)."""
+    from . import dot_tuning
 
     if trials <= 0:
         return
+    if preset.is_host:
+        dot_tuning.tune(mod, target, database_dir(work_dir, preset), trials)
+    mod = prepare_for_tuning(mod)
+    if not _has_unscheduled(mod):  # only dot-product kernels: no MetaSchedule (nor its slow imports)
+        return
+    from tvm.s_tir import meta_schedule as ms
+
     db = open_database(work_dir, preset)
     runner = _runner(preset, tracker, key, timeout_s)
     d = database_dir(work_dir, preset)
     ms.relax_integration.tune_relax(
-        prepare_for_tuning(mod), {}, target, work_dir=str(d / "logs"), max_trials_global=trials,
+        mod, {}, target, work_dir=str(d / "logs"), max_trials_global=trials,
         num_trials_per_iter=min(trials, 8), builder=_builder(preset, timeout_s), runner=runner, database=db,
         cost_model="random", seed=0)
+
+
+def _has_unscheduled(mod) -> bool:
+    """Whether a legalized module has a TIR function MetaSchedule would tune (not ``tirx.is_scheduled``)."""
+    from tvm import tirx
+
+    return any(isinstance(f, tirx.PrimFunc) and not (f.attrs and f.attrs.get("tirx.is_scheduled", False))
+               for _, f in mod.functions_items())
 
 
 def prepare_for_tuning(mod):
@@ -106,9 +124,14 @@ def prepare_for_tuning(mod):
 
 
 def compile_with_database(mod, target, preset: TvmPreset, work_dir: str | os.PathLike | None):
-    """``tvm.compile`` with tuned schedules applied where the database has them (DLight elsewhere)."""
+    """``tvm.compile`` with tuned schedules applied where the database has them (DLight elsewhere), and
+    the tuned tiles of the dot-product kernels."""
     import tvm
 
+    from . import dot_tuning
+
+    if work_dir is not None:
+        mod = dot_tuning.apply_database(mod, database_dir(work_dir, preset))
     if work_dir is None or not (database_dir(work_dir, preset) / "records.json").exists():
         return tvm.compile(mod, target)
     from tvm.s_tir import meta_schedule as ms
