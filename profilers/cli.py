@@ -24,9 +24,8 @@ def _target_options(target, lut, threads, rpc, tracker, key, tune_trials, emulat
 def load_model_and_graph(model: str, input_shape: str | None, weights: str | None):
     """(model, example input, layer specs, edges), the edges across residual adds and concats included
     (the LUT model prices them)."""
-    from hwmpq.lut.model import edges_through_merges
-
     from hwmpq.graph import analyse
+    from hwmpq.lut.model import edges_through_merges
     from hwmpq.modelspec import load_model_and_input
 
     net, x = load_model_and_input(model, input_shape, weights)
@@ -80,12 +79,12 @@ def profile_command(
 
     Interrupt it at any time: every finished measurement is already committed, and the same command
     resumes with only the missing ones."""
-    from hwmpq.targets import get_target
     from rich.console import Console
 
     from hwmpq.api import ProfileOptions, ProfileStopped, profile
     from hwmpq.modelspec import load_model_and_input
     from hwmpq.records import MeasureConfig
+    from hwmpq.targets import get_target
 
     console = Console(stderr=True, soft_wrap=True)
     try:
