@@ -17,13 +17,14 @@ def _fail(msg: str) -> typer.Exit:
 
 def load_for_export(model: str, weights: str | None, plan, input_shape: str | None, data: str | None,
                     target=None, data_kw: dict | None = None):
-    """(quantized model, example input, specs, notes). A quantized state dict (with quantizer scales) loads
-    after quantization (in the target's placement); a float checkpoint loads before it, and then the quantizers
-    are calibrated on ``data`` (``load_data`` with ``data_kw``; an image folder defaults to the model's input
-    size) with a printed warning (never silently)."""
+    """(model, example input, specs, calibration splits, notes) for :func:`hwmpq.api.export`. Weights with
+    trained quantizer scales give the model quantized in the target's placement (splits None); a float
+    checkpoint (or none) gives the float model and the splits of ``data`` its quantizers are calibrated on
+    (``load_data`` with ``data_kw``; an image folder defaults to the model's input size), with a printed
+    warning (never silently)."""
     from hwmpq.graph import analyse
     from hwmpq.modelspec import load_model_and_input, load_weights_for_plan
-    from hwmpq.qmodules import calibrate, placement_of, quantize
+    from hwmpq.qmodules import placement_of
 
     net, x = load_model_and_input(model, input_shape)
     net.eval()
@@ -33,16 +34,13 @@ def load_for_export(model: str, weights: str | None, plan, input_shape: str | No
     placement = target.placement if target is not None else "tensor"
     net = load_weights_for_plan(net, plan, weights, placement=placement,
                                 target=f"{target.id if target is not None else 'this target'}'s exporter")
-    notes = []
     if placement_of(net) is not None:  # trained quantizer scales: exported as they are
-        return net.eval(), x, specs, notes
-    net = quantize(net, plan, placement=placement)
+        return net.eval(), x, specs, None, []
     if data is None:
         raise ValueError("the weights hold no trained quantizer scales (a float checkpoint or none): give "
                          "--data (a dataset name, an image folder, a .npz or file.py:factory) to calibrate "
                          "them, or --weights of a QAT-trained model")
     from hwmpq.data import check_input_shape, is_image_folder, load_data
-    from hwmpq.train import calibration_batch
 
     kw = dict(data_kw or {})
     if kw.get("image_size") is None and is_image_folder(data):
@@ -52,9 +50,7 @@ def load_for_export(model: str, weights: str | None, plan, input_shape: str | No
     msg = (f"WARNING: {'no weights given' if not weights else f'{weights} is a float checkpoint'}; calibrating "
            f"the quantizers on one batch of {data} (post-training, no QAT): accuracy may be lower than a trained plan")
     typer.echo(msg, err=True)
-    notes.append(msg)
-    calibrate(net, [calibration_batch(splits, 1)])
-    return net.eval(), x, specs, notes
+    return net, x, specs, splits, [msg]
 
 
 def predict_with_lut(lut: str, target, model: str, x, specs, plan) -> dict:
@@ -102,6 +98,7 @@ def export_command(
 
     from hwmpq.targets import get_target
 
+    from hwmpq.api import export as export_model
     from hwmpq.records import load_plan
 
     try:
@@ -114,14 +111,16 @@ def export_command(
             raise ValueError(f"target {target!r} has no exporter")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net, x, specs, notes = load_for_export(model, weights, bit_plan, input_shape, data, tgt,
-                                                   data_options(image_size, mean, std, channels))
+            net, x, specs, splits, notes = load_for_export(model, weights, bit_plan, input_shape, data, tgt,
+                                                           data_options(image_size, mean, std, channels))
         extra = {"model": model, "weights": weights, "notes": notes}
         if lut:
             extra.update(predict_with_lut(lut, tgt, model, x, specs, bit_plan))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = tgt.export(net, bit_plan, x, out, manifest_extra=extra)
+            # quantized by the plan and calibrated there when float (its calibration warning is the one above)
+            result = export_model(net, bit_plan, target=tgt, out=out, example_input=x, data=splits,
+                                  manifest_extra=extra)
     except (ValueError, LookupError, FileNotFoundError) as e:
         raise _fail(str(e)) from None
     for w in caught:
