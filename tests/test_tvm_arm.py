@@ -15,12 +15,12 @@ import pytest
 pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e .[tvm])")
 
 import torch  # noqa: E402
-from hwmpq.targets.tvm import layers as L  # noqa: E402
-from hwmpq.targets.tvm import rpc as R  # noqa: E402
-from hwmpq.targets.tvm.target import TvmTarget  # noqa: E402
 from tvm_rpc_fixture import ROOT, free_port, rpc_server  # noqa: E402
 
 from hwmpq.records import FP32, W8A8, BitPlan, LayerSpec, MeasureConfig, Precision  # noqa: E402
+from hwmpq.targets.tvm import layers as L  # noqa: E402
+from hwmpq.targets.tvm import rpc as R  # noqa: E402
+from hwmpq.targets.tvm.target import TvmTarget  # noqa: E402
 
 pytestmark = [pytest.mark.tvm, pytest.mark.arm, pytest.mark.slow]
 SCRIPT = ROOT / "scripts" / "arm_rpc_sysroot.sh"
@@ -116,6 +116,7 @@ def test_sdot_kernel_is_exact_on_aarch64_at_every_tile(arm_server, tmp_path):
     """The tiled sdot kernel (requantize fused) cross-compiled at several register tiles, uint8 and int8
     codes, run on the aarch64 server: equal to the integer reference at each tile."""
     import tvm
+
     from hwmpq.targets.tvm import dotconv
     from hwmpq.targets.tvm.dot_intrin import SDOT
     from hwmpq.targets.tvm.presets import get_preset, tvm_target
@@ -217,7 +218,6 @@ def test_export_without_board_writes_unverified_artifact(tmp_path):
 def test_export_without_board_runs_later_on_the_board(arm_server, tmp_path):
     """The model.so written without a board equals torch's fake-quant output once it reaches one."""
     from hwmpq.targets.tvm.export import agreement, prepare_model
-
     from hwmpq.zoo import create_model
 
     plan, _ = _tiny_plan_file(tmp_path)

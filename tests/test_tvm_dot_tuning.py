@@ -10,11 +10,10 @@ import pytest
 
 pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e .[tvm])")
 
+from hwmpq.records import W8A8, LayerSpec, MeasureConfig  # noqa: E402
 from hwmpq.targets.tvm import dot_tuning  # noqa: E402
 from hwmpq.targets.tvm import layers as L  # noqa: E402
 from hwmpq.targets.tvm.target import TvmTarget  # noqa: E402
-
-from hwmpq.records import W8A8, LayerSpec, MeasureConfig  # noqa: E402
 
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
 SPEC = LayerSpec("conv", "conv", 32, 64, (3, 3), (1, 1), (1, 1), in_hw=(14, 14), out_hw=(14, 14))
@@ -66,10 +65,10 @@ def _run_local(lib: str, x: np.ndarray) -> np.ndarray:
 def test_export_uses_the_tuned_tiles_and_matches_torch(tmp_path, monkeypatch):
     """Tiles tuned beforehand (as a profile leaves them) are what the export compiles; output exact."""
     import torch
-    from hwmpq.targets.tvm import export as E
-    from hwmpq.targets.tvm.dotconv import TILES_ATTR
 
     from hwmpq.records import BitPlan
+    from hwmpq.targets.tvm import export as E
+    from hwmpq.targets.tvm.dotconv import TILES_ATTR
     from hwmpq.zoo import create_model
 
     target = TvmTarget("host", work_dir=str(tmp_path / "w"))

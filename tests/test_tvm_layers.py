@@ -10,13 +10,13 @@ import pytest
 tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e .[tvm])")
 
 import torch  # noqa: E402
-from hwmpq.targets.tvm import layers as L  # noqa: E402
-from hwmpq.targets.tvm.export import ExportError, _quant_params  # noqa: E402
-from hwmpq.targets.tvm.target import TvmTarget  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hwmpq.qmodules import QuantLayer  # noqa: E402
 from hwmpq.records import FP32, W8A8, BitPlan, LayerSpec, Precision  # noqa: E402
+from hwmpq.targets.tvm import layers as L  # noqa: E402
+from hwmpq.targets.tvm.export import ExportError, _quant_params  # noqa: E402
+from hwmpq.targets.tvm.target import TvmTarget  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 CONV = LayerSpec("c", "conv", 8, 16, (3, 3), (2, 2), (1, 1), in_hw=(6, 6), out_hw=(3, 3))

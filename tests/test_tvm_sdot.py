@@ -8,12 +8,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
+from hwmpq.records import W8A8, LayerSpec
 from hwmpq.targets.tvm import dotconv
 from hwmpq.targets.tvm import layers as L
 from hwmpq.targets.tvm.dot_intrin import SDOT, VNNI
 from hwmpq.targets.tvm.presets import PRESETS
-
-from hwmpq.records import W8A8, LayerSpec
 
 SPECS = [
     LayerSpec("conv3x3", "conv", 16, 16, (3, 3), (1, 1), (1, 1), in_hw=(8, 8), out_hw=(8, 8)),
@@ -126,8 +126,8 @@ def test_vnni_kernel_is_exact_on_this_cpu_at_every_tile(spec):
     for signed in (False, True):
         p, x = _params(spec, signed)
         wl = dotconv.workload_of(spec, p, VNNI, list(x.shape))
-        ref = L.reference_int_layer(x, spec, p).reshape(wl.n, *wl.out_hw, wl.o)
-        args = [x.reshape(wl.n, wl.h, wl.w, wl.c), dotconv.pack_weights(p.w_q, VNNI.lanes),
+        ref = L.reference_int_layer(x, spec, p)
+        args = [x, dotconv.pack_weights(p.w_q, VNNI.lanes),
                 dotconv.shifted_bias(p.w_q, p.bias_i32, dotconv.input_shift(VNNI, p.in_dtype)), p.multiplier]
         tiles = dotconv.candidate_tiles(wl, VNNI)
         for t in tiles[:2] + tiles[-1:]:

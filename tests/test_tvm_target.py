@@ -9,13 +9,13 @@ import pytest
 
 pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e .[tvm])")
 
+from tvm_rpc_fixture import free_port, kill_tree, rpc_server, rpc_tracker  # noqa: E402
+
+from hwmpq.records import FP32, W8A8, LayerSpec, MeasureConfig, Precision  # noqa: E402
 from hwmpq.targets import get_target  # noqa: E402
 from hwmpq.targets.tvm.presets import UnknownPresetError  # noqa: E402
 from hwmpq.targets.tvm.rpc import RpcAddressError  # noqa: E402
 from hwmpq.targets.tvm.target import TvmTarget  # noqa: E402
-from tvm_rpc_fixture import free_port, kill_tree, rpc_server, rpc_tracker  # noqa: E402
-
-from hwmpq.records import FP32, W8A8, LayerSpec, MeasureConfig, Precision  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 CONV = LayerSpec("conv", "conv", 8, 8, (3, 3), (1, 1), (1, 1), in_hw=(6, 6), out_hw=(6, 6))
@@ -146,11 +146,11 @@ def _wait_boards(tracker: str, n: int) -> None:
 @pytest.mark.slow
 def test_profile_into_lut_marks_emulated_rows_and_search_refuses_them(server, tmp_path):
     import torch
+
+    from hwmpq.graph import analyse
     from hwmpq.lut.model import ForeignTableError, build_table
     from hwmpq.lut.store import LutStore
     from hwmpq.profilers.runner import profile
-
-    from hwmpq.graph import analyse
     from hwmpq.zoo import create_model
 
     specs, edges = analyse(create_model("test_tiny").eval(), torch.randn(1, 1, 8, 8))

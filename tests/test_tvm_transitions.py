@@ -11,12 +11,12 @@ import pytest
 
 pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e .[tvm])")
 
-from hwmpq.targets.tvm import layers as L  # noqa: E402
-from hwmpq.targets.tvm import rpc as R  # noqa: E402
-from hwmpq.targets.tvm.target import TvmTarget  # noqa: E402
 from tvm_rpc_fixture import rpc_server  # noqa: E402
 
 from hwmpq.records import FP32, W8A8, MeasureConfig, Precision  # noqa: E402
+from hwmpq.targets.tvm import layers as L  # noqa: E402
+from hwmpq.targets.tvm import rpc as R  # noqa: E402
+from hwmpq.targets.tvm.target import TvmTarget  # noqa: E402
 
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
 QUICK = MeasureConfig(warmup=2, repeat=5, number=2, timeout_s=60.0, rounds=1)  # one upload per job
@@ -68,11 +68,11 @@ def test_bad_transitions_are_build_results(target):
 
 def test_profiler_measures_tvm_transitions_into_the_table(target, tmp_path, monkeypatch):
     import torch
+
+    from hwmpq.graph import analyse
     from hwmpq.lut.model import build_table, edges_through_merges, profiling_specs
     from hwmpq.lut.store import LutStore
     from hwmpq.profilers.runner import profile
-
-    from hwmpq.graph import analyse
     from hwmpq.zoo import create_model
 
     model, x = create_model("test_tiny").eval(), torch.randn(1, 1, 8, 8)

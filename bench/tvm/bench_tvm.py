@@ -180,7 +180,7 @@ def _model(seed: int = 0):
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
             torch.nn.init.normal_(m.bias, 0.0, 0.1)
-    return model, torch.randn(1, 1, 28, 28)
+    return model, torch.randn(1, 3, 32, 32)
 
 
 def bench_model(args, lock: TimingLock) -> list[dict]:
@@ -224,7 +224,7 @@ def bench_plan(model, x, specs, calib, plan_name: str, prec: Precision, tvm, ort
                 raise RuntimeError(f"{tid} {plan_name}: {run.error_msg}")
             samples[tid].extend(run.latencies_ms)
     t_ms, o_ms = median(samples[tvm.id]), median(samples[ort.id])
-    row = {"model": "resnet20 @28", "plan": plan_name, "tvm_ms": t_ms, "ort_ms": o_ms,
+    row = {"model": "resnet20 @32", "plan": plan_name, "tvm_ms": t_ms, "ort_ms": o_ms,
            "ratio": round(t_ms / o_ms, 3), "tvm_export_s": builds[tvm.id], "ort_export_s": builds[ort.id]}
     print(f"{row['model']} {plan_name}: tvm:host {t_ms:.3f} ms, ort-x86 {o_ms:.3f} ms, ratio {row['ratio']:.2f} "
           f"(export {row['tvm_export_s']} s / {row['ort_export_s']} s)", flush=True)

@@ -60,6 +60,7 @@ class DotWorkload:
     dilation: tuple[int, int]
     in_dtype: str  # "uint8" or "int8"
     out_range: tuple[int, int]
+    linear: bool = False  # codes in [n, c] and out [n, o] (no reshapes around the kernel)
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -137,7 +138,7 @@ def kernel_primfunc(wl: DotWorkload, intrin: DotIntrin, tiles: Tiles | None = No
     c4, ol = up(wl.c, K), up(wl.o, lanes) // lanes
     oh, ow = wl.out_hw
     shift = input_shift(intrin, wl.in_dtype)
-    x = te.placeholder((wl.n, wl.h, wl.w, wl.c), wl.in_dtype, name="x")
+    x = te.placeholder((wl.n, wl.c) if wl.linear else (wl.n, wl.h, wl.w, wl.c), wl.in_dtype, name="x")
     wp = te.placeholder((ol, kh, kw, c4 // K, lanes, K), "int8", name="wp")
     bias = te.placeholder((wl.o,), "int32", name="bias")
     mult = te.placeholder((wl.o,), "float32", name="mult")
@@ -146,7 +147,8 @@ def kernel_primfunc(wl: DotWorkload, intrin: DotIntrin, tiles: Tiles | None = No
         return v if not shift else (v.astype("int16") + shift).astype(intrin.x_dtype)
 
     xp = te.compute((wl.n, wl.h + 2 * ph, wl.w + 2 * pw, c4), lambda b, i, j, ch: tirx.if_then_else(
-        tirx.all(i >= ph, i < wl.h + ph, j >= pw, j < wl.w + pw, ch < wl.c), shifted(x[b, i - ph, j - pw, ch]),
+        tirx.all(i >= ph, i < wl.h + ph, j >= pw, j < wl.w + pw, ch < wl.c),
+        shifted(x[b, ch] if wl.linear else x[b, i - ph, j - pw, ch]),
         tirx.const(shift, intrin.x_dtype)), name="xp")  # padded channels meet zero weights
     rh, rw = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw")
     cb, ci = te.reduce_axis((0, c4 // K), "cb"), te.reduce_axis((0, K), "ci")
@@ -154,9 +156,14 @@ def kernel_primfunc(wl: DotWorkload, intrin: DotIntrin, tiles: Tiles | None = No
         xp[b, i * sh + rh * dh, j * sw + rw * dw, cb * K + ci].astype("int32")
         * wp[ob, rh, rw, cb, oi, ci].astype("int32"), axis=[rh, rw, cb, ci]), name="acc")
     lo, hi = wl.out_range
-    out = te.compute((wl.n, oh, ow, wl.o), lambda b, i, j, o: tirx.Cast("int8", tirx.max(tirx.min(tirx.round(
-        (acc[b, i, j, o // lanes, o % lanes] + bias[o]).astype("float32") * mult[o]), float(hi)), float(lo))),
-        name="out")
+    def requantize(b, i, j, o):
+        return tirx.Cast("int8", tirx.max(tirx.min(tirx.round(
+            (acc[b, i, j, o // lanes, o % lanes] + bias[o]).astype("float32") * mult[o]), float(hi)), float(lo)))
+
+    if wl.linear:
+        out = te.compute((wl.n, wl.o), lambda b, o: requantize(b, 0, 0, o), name="out")
+    else:
+        out = te.compute((wl.n, oh, ow, wl.o), requantize, name="out")
     func = te.create_prim_func([x, wp, bias, mult, out])
     sch = tvm.s_tir.Schedule(func)
     _schedule(sch, intrin, tiles, tensorize, ow, ol, wl.o)
@@ -194,7 +201,7 @@ def workload_of(spec: LayerSpec, p: IntLayerParams, intrin: DotIntrin, shape: li
     o, c = p.w_q.shape[:2]
     if spec.kind == "linear":
         return DotWorkload(intrin.name, shape[0], 1, 1, c, o, (1, 1), (1, 1), (0, 0), (1, 1), p.in_dtype,
-                           p.out_range)
+                           p.out_range, linear=True)
     return DotWorkload(intrin.name, shape[0], shape[1], shape[2], c, o, tuple(p.w_q.shape[2:]), tuple(spec.stride),
                        tuple(spec.padding), tuple(spec.dilation), p.in_dtype, p.out_range)
 
@@ -210,16 +217,14 @@ def emit_int8(bb, xq, spec: LayerSpec, p: IntLayerParams, intrin: DotIntrin, ten
         raise ValueError(f"layer {spec.fqn!r}: the dot-product kernel needs a conv with groups 1 or a linear layer")
     shape = [int(d) for d in xq.ty.shape.values]  # from the tensor: export's specs carry no batch or in_hw
     wl = workload_of(spec, p, intrin, shape)
-    x = bb.emit(relax.op.reshape(xq, (wl.n, 1, 1, wl.c))) if spec.kind == "linear" else xq
     bias = shifted_bias(p.w_q, p.bias_i32, input_shift(intrin, p.in_dtype))
     func = kernel_primfunc(wl, intrin, tiles, tensorize=tensorize)
     name = f"hwmpq_dot_{len(bb.get().functions)}"
     gv = bb.add_func(func.with_attr("global_symbol", name), name)
-    oh, ow = wl.out_hw
-    y = bb.emit(relax.call_tir(gv, [x, relax.const(pack_weights(p.w_q, intrin.lanes)), relax.const(bias),
-                                    relax.const(p.multiplier.astype(np.float32))],
-                               relax.TensorType((wl.n, oh, ow, wl.o), "int8")))
-    return bb.emit(relax.op.reshape(y, (wl.n, wl.o))) if spec.kind == "linear" else y
+    out_shape = (wl.n, wl.o) if wl.linear else (wl.n, *wl.out_hw, wl.o)
+    return bb.emit(relax.call_tir(gv, [xq, relax.const(pack_weights(p.w_q, intrin.lanes)), relax.const(bias),
+                                       relax.const(p.multiplier.astype(np.float32))],
+                                  relax.TensorType(out_shape, "int8")))
 
 
 def reference_acc(x_q: np.ndarray, spec: LayerSpec, p: IntLayerParams, intrin: DotIntrin) -> np.ndarray:

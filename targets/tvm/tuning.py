@@ -93,22 +93,39 @@ def tune(mod, target, preset: TvmPreset, work_dir: str | os.PathLike, trials: in
     if not _has_unscheduled(mod):  # only dot-product kernels: no MetaSchedule (nor its slow imports)
         return
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.tune import tune_tasks
 
     db = open_database(work_dir, preset)
     runner = _runner(preset, tracker, key, timeout_s)
     d = database_dir(work_dir, preset)
-    ms.relax_integration.tune_relax(
-        mod, {}, target, work_dir=str(d / "logs"), max_trials_global=trials,
-        num_trials_per_iter=min(trials, 8), builder=_builder(preset, timeout_s), runner=runner, database=db,
-        cost_model="random", seed=0)
+    # MetaSchedule's tune_relax skips a task only when its module is marked scheduled; the dot-product
+    # kernels carry the mark on the function, so the tasks are extracted and filtered here
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not _scheduled(t.dispatched[0])]
+    if not tasks:
+        return
+    logs = str(d / "logs")
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, work_dir=logs, seed=0)
+    tune_tasks(tasks=contexts, task_weights=weights, work_dir=logs, max_trials_global=trials,
+               num_trials_per_iter=min(trials, 8), builder=_builder(preset, timeout_s), runner=runner,
+               database=db, cost_model="random")
+
+
+def _is_scheduled(func) -> bool:
+    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+
+
+def _scheduled(mod) -> bool:
+    """Whether a task's module holds a function marked ``tirx.is_scheduled`` (a dot-product kernel)."""
+    from tvm import tirx
+
+    return any(isinstance(f, tirx.PrimFunc) and _is_scheduled(f) for _, f in mod.functions_items())
 
 
 def _has_unscheduled(mod) -> bool:
     """Whether a legalized module has a TIR function MetaSchedule would tune (not ``tirx.is_scheduled``)."""
     from tvm import tirx
 
-    return any(isinstance(f, tirx.PrimFunc) and not (f.attrs and f.attrs.get("tirx.is_scheduled", False))
-               for _, f in mod.functions_items())
+    return any(isinstance(f, tirx.PrimFunc) and not _is_scheduled(f) for _, f in mod.functions_items())
 
 
 def prepare_for_tuning(mod):
