@@ -65,6 +65,9 @@ class ProfileOptions:
     force: bool = False  # use a LUT of another device, target or schema knowingly
     progress: bool = True  # progress bar and messages on stderr
     table: bool = True  # build the LatencyTable at the end (``hwmpq profile`` does not need it)
+    # which precisions to measure: "native" (the target's real kernels, leaving out those it only emulates
+    # as float between Q/DQ), "all", or labels ("fp32,w8a8"); the LUT records them and its table offers them
+    precisions: str | tuple[str, ...] = "native"
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class ProfileResult:
     seconds: float
     table: LatencyTable | None = field(repr=False)  # None: ``ProfileOptions(table=False)``, or see table_error
     table_error: str | None = None  # why no table could be built (e.g. failed entries the table needs)
+    precisions: tuple[str, ...] = ()  # the precisions the LUT now covers (its table's candidates)
+    phase_s: tuple[tuple[str, float], ...] = ()  # seconds per phase of this call (graph, builds, runs, ...)
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class SearchOptions:
     batch_size: int = 128  # QAT and calibration batch size
     qat: QATOptions | None = None  # SAM / StatAssist / GradBoost in the fine-tune
     profile_missing: bool = True  # measure LUT entries the model needs and the LUT lacks (else: refuse)
+    precisions: str | tuple[str, ...] = "native"  # what profile_missing measures (ProfileOptions.precisions)
     force_lut: bool = False  # use a LUT of another device knowingly
     out_dir: str | None = None  # nemo/ilp: where their Pareto front is written (None: not written)
     seed: int = 0  # data split, search and fine-tune
@@ -290,16 +296,31 @@ def profile(model: nn.Module, example_input: torch.Tensor, *, target: str | Targ
     with resolved_target(target, threads=config.threads if config else None, lut=lut) as tgt:
         config = config or MeasureConfig(threads=_threads(tgt))
         _check_threads(config, tgt)
+        tgt.precisions.select(options.precisions)  # a bad --precisions fails before any work
         specs, edges = _float_graph(model, example_input)
+        graph_s = time.perf_counter() - t0
         with _lut_store(lut, tgt, options.force) as store:
             report, context_rows = measure_missing(model, example_input, specs, edges, tgt, store, config,
                                                    context=context, options=options)
+            t1 = time.perf_counter()
             table, error = _try_table(store, specs, edges, config, tgt, options, context) if options.table \
                 else (None, None)
+            covered = tuple(p.label for p in store.precisions or tgt.precisions.all)
         tid = tgt.id
-    return ProfileResult(lut=os.fspath(lut), target=tid, config=config, measured=report.measured,
-                         kept=report.skipped, failed=report.failed, context_rows=context_rows,
-                         seconds=time.perf_counter() - t0, table=table, table_error=error)
+    phases = (("graph", graph_s), *report.phase_s) + ((("table", time.perf_counter() - t1),) if options.table else ())
+    result = ProfileResult(lut=os.fspath(lut), target=tid, config=config, measured=report.measured,
+                           kept=report.skipped, failed=report.failed, context_rows=context_rows,
+                           seconds=time.perf_counter() - t0, table=table, table_error=error, precisions=covered,
+                           phase_s=phases)
+    if options.progress:
+        _console().print(format_phases(result))
+    return result
+
+
+def format_phases(result: ProfileResult) -> str:
+    """One line: where the time of a profile went, largest phase first."""
+    parts = ", ".join(f"{name} {s:.1f} s" for name, s in sorted(result.phase_s, key=lambda kv: -kv[1]))
+    return (f"profiled in {result.seconds:.1f} s ({parts}); the LUT covers {', '.join(result.precisions)}")
 
 
 def measure_missing(model: nn.Module, example_input: torch.Tensor, specs: Sequence[LayerSpec],
@@ -314,9 +335,14 @@ def measure_missing(model: nn.Module, example_input: torch.Tensor, specs: Sequen
     rows are committed; a stopped profile raises :class:`ProfileStopped` (the runner has said why)."""
     from .lut.model import profiling_specs
     from .profilers.runner import profile as run_jobs
+    from .targets.base import with_precisions
 
     options = options or ProfileOptions()
     console = console or _console()
+    chosen = target.precisions.select(options.precisions)
+    if options.progress:
+        console.print(describe_precisions(target, chosen))
+    target = with_precisions(target, chosen)
     report = run_jobs(profiling_specs(specs, edges, target), edges, target, store, config,
                       progress=options.progress, transitions=options.transitions,
                       retry_failed=options.retry_failed, max_run_failures=options.max_run_failures,
@@ -326,10 +352,12 @@ def measure_missing(model: nn.Module, example_input: torch.Tensor, specs: Sequen
         raise KeyboardInterrupt
     if report.stop_reason:
         raise ProfileStopped(report.stop_reason)
+    store.note_precisions(chosen.all)
     if not context:
         return report, 0
     from .lut.context import profile_context
 
+    t0 = time.perf_counter()
     try:
         rows = profile_context(model, example_input, specs, edges, target, store, config,
                                console=console if options.progress else None)
@@ -337,7 +365,24 @@ def measure_missing(model: nn.Module, example_input: torch.Tensor, specs: Sequen
         console.print("[yellow]interrupted[/] while timing the kernels in context: the layer rows and the "
                       "precisions finished are kept; rerun the same command for the rest")
         raise
-    return report, rows
+    return replace(report, phase_s=report.phase_s + (("kernels in context", time.perf_counter() - t0),)), rows
+
+
+def describe_precisions(target: Target, chosen) -> str:
+    """What a profile measures, and what it leaves out and why (the emulated precisions by default)."""
+    left = [p for p in target.precisions.all if p not in chosen.all]
+    text = f"profiling {', '.join(p.label for p in chosen.all)}"
+    if not left:
+        return text
+    emulated = [p.label for p in left if p in target.precisions.emulated]
+    other = [p.label for p in left if p not in target.precisions.emulated]
+    why = []
+    if emulated:
+        why.append(f"{', '.join(emulated)} ({target.id} runs them as float compute between Q/DQ, no faster "
+                   "than fp32)")
+    if other:
+        why.append(", ".join(other))
+    return f"{text}; not {'; '.join(why)}: --precisions all (or a list) measures them"
 
 
 def _table(store: LutStore, specs, edges, config: MeasureConfig, target: Target, *, force: bool,
@@ -489,7 +534,8 @@ def _search_table(model: nn.Module, x: torch.Tensor, target: Target, lut: str | 
     with _lut_store(lut, target, opts.force_lut) as store:
         if opts.profile_missing:
             measure_missing(model, x, specs, edges, target, store, config,
-                            options=ProfileOptions(progress=opts.progress, force=opts.force_lut))
+                            options=ProfileOptions(progress=opts.progress, force=opts.force_lut,
+                                                   precisions=opts.precisions))
         try:
             table = _table(store, specs, edges, config, target, force=opts.force_lut, context=True)
         except MissingEntriesError as e:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,12 @@ class MeasureConfig:
     shared machine the 10th percentile estimates the uncontended latency far more stably than the median
     (measured with ``lut validate`` here: the spread of LUT prediction errors within one validation run fell
     from 5-8% to 2.5-3.5% on mobilenetv2). It is how rows are read, not how they are measured, so it is
-    not part of :attr:`key`."""
+    not part of :attr:`key`.
+
+    ``stable_pct`` (adaptive repeats, TVM's min_repeat_ms in spirit): the profiler stops timing a job after
+    the round in which :meth:`is_stable` says its quoted statistic is known to +-stable_pct % (95%
+    confidence), so ``repeat`` and ``rounds`` are maxima; 0 times every job ``repeat`` times. Whole-model
+    measurements always take every repeat."""
 
     warmup: int = 30
     number: int = 1
@@ -195,6 +201,7 @@ class MeasureConfig:
     timeout_s: float = 60.0
     statistic: str = "p10"
     rounds: int = 5
+    stable_pct: float = 1.0
 
     _version = 1
 
@@ -202,10 +209,12 @@ class MeasureConfig:
         # 60 and 60.0 are one protocol: normalise numeric types so the key (and the LUT lookup) agree
         for name in ("warmup", "number", "repeat", "threads", "rounds"):
             object.__setattr__(self, name, int(getattr(self, name)))
-        for name in ("min_repeat_ms", "timeout_s"):
+        for name in ("min_repeat_ms", "timeout_s", "stable_pct"):
             object.__setattr__(self, name, float(getattr(self, name)))
         if self.warmup < 0 or self.number < 1 or self.repeat < 1 or self.threads < 1 or self.rounds < 1:
             raise RecordError(f"MeasureConfig needs warmup>=0, number>=1, repeat>=1, threads>=1, rounds>=1: {self}")
+        if not 0.0 <= self.stable_pct < 100.0:
+            raise RecordError(f"MeasureConfig.stable_pct must be in [0, 100), got {self.stable_pct}")
         if self.statistic not in STATISTICS:
             raise RecordError(f"MeasureConfig.statistic: {self.statistic!r} is not one of {STATISTICS}")
 
@@ -216,6 +225,8 @@ class MeasureConfig:
         :meth:`per_round`), so rows of older LUTs keep their keys."""
         d = dataclasses.asdict(self) | {"statistic": "median"}
         d.pop("rounds")
+        if not self.stable_pct:  # the fixed-count protocol keeps the key it had before stable_pct existed
+            d.pop("stable_pct")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def per_round(self) -> MeasureConfig:
@@ -225,6 +236,22 @@ class MeasureConfig:
         two back-to-back single-round profiles of mobilenetv2_050 differed by -38%..+11% per row (5-95%)."""
         rounds = min(self.rounds, self.repeat)
         return dataclasses.replace(self, repeat=-(-self.repeat // rounds), rounds=1)
+
+    def is_stable(self, latencies_ms: Sequence[float]) -> bool:
+        """Whether the quoted statistic of these samples is known well enough to stop timing (adaptive
+        repeats, ``stable_pct`` > 0): the distribution-free 95% confidence interval of the quantile (order
+        statistics around rank q*n, binomial bounds) lies within +-``stable_pct`` % of the quoted value. No
+        assumption on the latency distribution, which on a shared machine is skewed and has spells."""
+        if not self.stable_pct or not latencies_ms:
+            return False
+        a = sorted(float(v) for v in latencies_ms)
+        n, q = len(a), (0.5 if self.statistic == "median" else 0.1)
+        half = 1.96 * math.sqrt(n * q * (1 - q))
+        lo, hi = math.floor(n * q - half), math.ceil(n * q + half)
+        if lo < 0 or hi > n - 1:  # too few samples for a two-sided interval
+            return False
+        quoted = self.quote(a)
+        return quoted > 0 and (a[hi] - a[lo]) / 2 <= quoted * self.stable_pct / 100
 
     def quote(self, latencies_ms: Iterable[float]) -> float:
         """The quoted statistic of raw samples (p10 interpolated as numpy's default percentile)."""

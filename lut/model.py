@@ -34,6 +34,7 @@ from hwmpq.profilers.jobs import timed_as_pair
 from hwmpq.profilers.probes import SPEED_PROBES
 from hwmpq.profilers.probes import profiling_specs as profiling_specs  # also importable beside the model
 from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision, pair_signature
+from hwmpq.targets.base import with_precisions
 
 from .table import LatencyTable
 
@@ -194,9 +195,13 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
     ``context`` (the default), each layer row plus what its kernel costs more inside the whole model than
     alone (lut/context.py), where the store holds those kernel rows.
 
-    Raises :class:`MissingEntriesError` naming the (layer, precision) pairs without a row, and
+    The candidates are the precisions the store's profiles covered (``store.precisions``: ``hwmpq profile
+    --precisions``, default the target's native kernels), or all the target offers for a store that does
+    not say. Raises :class:`MissingEntriesError` naming the (layer, precision) pairs without a row, and
     :class:`ForeignTableError` for a store from another device/target or an emulated one."""
     check_origin(store, target, allow_foreign=allow_foreign, allow_emulated=allow_emulated)
+    if store.precisions is not None:
+        target = with_precisions(target, target.precisions.restricted(store.precisions))
     oh = store.get("overhead", "overhead", FP32, config)
     overhead_ms = _ok_latency(oh, config)
     specs = list(specs)

@@ -12,7 +12,8 @@ from .errors import LutError
 # 1: rows priced per-layer quantizers (a quantize/dequantize pair around every layer)
 # 2: ort-x86 layer rows and chains price the tensor-placement export (one quantizer per tensor, integer
 #    residual adds: targets/ort/layers.py emit_glue)
-# 3: as 2, plus the ``inflight`` table of jobs a profiler started and has not committed
+# 3: as 2, plus the ``inflight`` table of jobs a profiler started and has not committed, and the
+#    ``stable_pct`` column (MeasureConfig.stable_pct, adaptive repeats; 0 in rows of older files)
 SCHEMA_VERSION = 3
 # the oldest version whose rows mean what this version's rows mean: migrate() renumbers them
 OLDEST_UPGRADABLE = 2
@@ -20,7 +21,7 @@ OLDEST_UPGRADABLE = 2
 # kernel: a layer's kernel inside a uniform plan of the model, or alone (profilers/context.py)
 KINDS = ("layer", "transition", "overhead", "model", "kernel")
 
-CONFIG_COLS = ("warmup", "number", "repeat", "min_repeat_ms", "threads", "timeout_s", "statistic")
+CONFIG_COLS = ("warmup", "number", "repeat", "min_repeat_ms", "threads", "timeout_s", "statistic", "stable_pct")
 KEY_COLS = ("device", "target", "kind", "signature", "w_bits", "a_bits", "src_w_bits", "src_a_bits",
             "config_key", "schema_version")
 VALUE_COLS = ("latency_ms", "p10_ms", "p90_ms", "n", "energy_mj", "energy_source", "emulated", "error_msg",
@@ -43,7 +44,7 @@ CREATE TABLE measurements (
   latency_ms REAL, p10_ms REAL, p90_ms REAL, n INTEGER NOT NULL, energy_mj REAL, energy_source TEXT NOT NULL,
   emulated INTEGER NOT NULL, error_msg TEXT, time_unix REAL NOT NULL, versions_json TEXT NOT NULL,
   warmup INTEGER NOT NULL, number INTEGER NOT NULL, repeat INTEGER NOT NULL, min_repeat_ms REAL NOT NULL,
-  threads INTEGER NOT NULL, timeout_s REAL NOT NULL, statistic TEXT NOT NULL,
+  threads INTEGER NOT NULL, timeout_s REAL NOT NULL, statistic TEXT NOT NULL, stable_pct REAL NOT NULL DEFAULT 0,
   PRIMARY KEY ({", ".join(KEY_COLS)})
 );
 CREATE TABLE shapes (kind TEXT NOT NULL, signature TEXT NOT NULL, description TEXT NOT NULL,
@@ -74,6 +75,8 @@ def migrate(conn: sqlite3.Connection, path: Path, meta: dict[str, str]) -> dict[
     try:
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(INFLIGHT_DDL)
+        if "stable_pct" not in {r[1] for r in conn.execute("PRAGMA table_info(measurements)")}:
+            conn.execute("ALTER TABLE measurements ADD COLUMN stable_pct REAL NOT NULL DEFAULT 0")
         conn.execute("UPDATE measurements SET schema_version=? WHERE schema_version=?", (SCHEMA_VERSION, version))
         conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")

@@ -206,6 +206,32 @@ class LutStore:
     def schema_version(self) -> int:
         return int(self._meta["schema_version"])
 
+    @property
+    def precisions(self) -> tuple[Precision, ...] | None:
+        """The precisions the profiles into this file covered (``hwmpq profile --precisions``; the meta key
+        ``precisions``), or None when no profile said: then every precision the target offers is expected."""
+        text = self._meta.get("precisions")
+        if not text:
+            return None
+        try:
+            return tuple(sorted(Precision.parse(s) for s in json.loads(text)))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            raise CorruptLutError(f"{self.path}: the meta key 'precisions' is not a list of precision labels: "
+                                  f"{text!r}") from None
+
+    def note_precisions(self, precisions) -> None:
+        """Record that a profile covered ``precisions`` (added to those already recorded; a file that records
+        none yet covers the precisions of its layer rows)."""
+        have = self.precisions
+        if have is None:
+            have = {m.precision for m in self.measurements("layer")}
+        have = set(have)
+        labels = sorted(p.label for p in have | set(precisions))
+        text = json.dumps(labels)
+        with self._transaction():
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", ("precisions", text))
+        self._meta["precisions"] = text
+
     # ------------------------------------------------------------------ rows
     def add(self, m: Measurement) -> None:
         """Insert or replace one measurement in its own committed transaction."""
@@ -389,9 +415,10 @@ def _opt_float(v: Any) -> float | None:
 def row_to_measurement(r: Mapping[str, Any], where: str = "LUT") -> Measurement:
     """Rebuild a Measurement from a stored or exported row; a malformed row raises CorruptLutError."""
     try:
-        config = MeasureConfig(**{c: (str(r[c]) if c == "statistic" else
-                                      float(r[c]) if c in ("min_repeat_ms", "timeout_s") else int(r[c]))
-                                  for c in CONFIG_COLS})
+        fields = {c: r[c] for c in CONFIG_COLS if c != "stable_pct"} | {"stable_pct": r.get("stable_pct", 0.0)}
+        config = MeasureConfig(**{c: (str(v) if c == "statistic" else
+                                      float(v) if c in ("min_repeat_ms", "timeout_s", "stable_pct") else int(v))
+                                  for c, v in fields.items()})
         if str(r["config_key"]) != config.key:
             raise ValueError(f"config_key {r['config_key']} does not match the config columns ({config.key})")
         sw, sa = int(r["src_w_bits"]), int(r["src_a_bits"])

@@ -59,6 +59,13 @@ def profile_command(
     repeat: Annotated[int, typer.Option(help="timed repeats (median, p10 and p90 are kept; p10 is quoted)")] = 100,
     rounds: Annotated[int, typer.Option(help="split the repeats into this many slices, each a fresh session, "
                                              "timed round-robin over many jobs (robust to slow spells)")] = 5,
+    stable_pct: Annotated[float, typer.Option(
+        help="adaptive repeats: stop a job after the round in which the 95% confidence interval of its quoted "
+             "statistic is within +-this % (repeat and rounds are then maxima); 0: every repeat")] = 1.0,
+    precisions: Annotated[str, typer.Option(
+        help="precisions to measure: 'native' (the target's real kernels; leaves out those it only emulates as "
+             "float between Q/DQ), 'all', or labels like fp32,w8a8; the LUT records them and its table offers "
+             "them")] = "native",
     number: Annotated[int, typer.Option(help="runs averaged inside one repeat")] = 1,
     min_repeat_ms: Annotated[float, typer.Option(help="raise number until a repeat lasts this long")] = 0.0,
     timeout_s: Annotated[float, typer.Option(help="per-job run timeout (enforced by the target)")] = 60.0,
@@ -91,13 +98,14 @@ def profile_command(
         net, x = load_model_and_input(model, input_shape, weights)
         tgt = get_target(target, **_target_options(target, lut, threads, rpc, tracker, key, tune_trials, emulated))
         config = MeasureConfig(warmup=warmup, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms, rounds=rounds,
+                               stable_pct=stable_pct,
                                threads=threads or tgt.threads, timeout_s=timeout_s)
     except ValueError as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(2) from None
     options = ProfileOptions(transitions=transitions, retry_failed=retry_failed, max_run_failures=max_run_failures,
                              speed_tolerance=speed_tolerance, speed_retries=speed_retries, force=force,
-                             progress=not quiet, table=False)
+                             progress=not quiet, table=False, precisions=precisions)
     try:
         with _warnings_to(console):
             profile(net, x, target=tgt, lut=lut, config=config, context=context, options=options)

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,8 +26,8 @@ from hwmpq.latency_stats import summarize
 from hwmpq.records import FP32, BuildResult, Edge, LayerSpec, MeasureConfig, Measurement, RunResult
 
 from .jobs import MeasureJob, plan_jobs
-
 from .probes import SPEED_PROBES
+
 
 @dataclass(frozen=True)
 class ProfileReport:
@@ -41,6 +42,8 @@ class ProfileReport:
     lut_rows: int  # rows in the LUT file at the end
     retried_chunks: int = 0  # chunks measured again because a speed probe said the machine ran slow
     slowest_chunk: float = 1.0  # the slowest committed chunk's probe p10 over the fastest chunk's (worst probe)
+    phase_s: tuple[tuple[str, float], ...] = ()  # seconds spent per phase: builds, each job kind's runs, probes
+    runs_saved: float = 0.0  # share of the protocol's repeats adaptive repeats did not need (stable_pct)
 
     @property
     def complete(self) -> bool:
@@ -142,6 +145,8 @@ class _Loop:
         self.best_speed: tuple[float, ...] | None = None  # each probe's fastest chunk p10 so far
         self.retried = 0  # chunks measured again because the machine ran slow
         self.kept: list[tuple[list, tuple]] = []  # committed chunks (their live jobs) and their probes' p10
+        self.seconds: Counter[str] = Counter()  # wall time per phase (builds, runs per job kind, probes)
+        self.runs = self.full_runs = 0  # timed runs taken, and what a fixed count would have taken
         if speed_tolerance > 0 and not self.device.emulated:
             builds = [target.build_layer(p, FP32) for p in SPEED_PROBES]
             self.probes = [b for b in builds if b.artifact is not None and not b.error_msg]
@@ -177,7 +182,9 @@ class _Loop:
                 self.failed += 1
                 ended += 1
                 continue
+            t0 = time.perf_counter()
             build = job.build(self.target)
+            self.seconds["builds"] += time.perf_counter() - t0
             self.store.job_abandoned(key, died)
             if build.error_msg or build.artifact is None:
                 self.store.add(build_failure(job, self.target, self.config, self.device, build))
@@ -213,12 +220,12 @@ class _Loop:
         alive = {x[0] for x in live}
         return ended + self._commit({j: lat for j, lat in samples.items() if j in alive}, kept_speed)
 
-    def _finished(self, samples: dict, order: list, current: MeasureJob, r: int) -> dict:
-        """The jobs that finished every round before ``current`` stopped round ``r`` (an interrupt, a dead
-        device): they are kept, without the speed gate's verdict."""
-        if r < self.rounds - 1:
-            return {}
-        return {j: samples[j] for j in order[:order.index(current)] if j in samples}
+    def _finished(self, samples: dict, done: set, order: list, current: MeasureJob, r: int) -> dict:
+        """The jobs that had finished (stable already, or through every round before ``current`` stopped
+        round ``r``) when an interrupt or a dead device stopped the chunk: they are kept, without the speed
+        gate's verdict."""
+        last = order[:order.index(current)] if r >= self.rounds - 1 else []
+        return {j: samples[j] for j in order if j in samples and (j in done or j in last)}
 
     def _commit(self, samples: dict, kept_speed: tuple | None) -> int:
         for job, lat in samples.items():
@@ -257,32 +264,44 @@ class _Loop:
         in a row stopped the profile (then only the jobs that had finished their last round are returned)."""
         one_round = self.config.per_round()
         samples: dict[MeasureJob, list[float]] = {job: [] for job, _, _ in live}
+        done: set[MeasureJob] = set()  # stable already (adaptive repeats): no more rounds
         probe_ms: list[list[float]] = [[] for _ in self.probes]
         failed = 0
+        self.full_runs += len(live) * self.rounds * one_round.repeat
         for r in range(self.rounds):
+            if samples and done >= samples.keys():
+                break
+            t0 = time.perf_counter()
             for probe, times in zip(self.probes, probe_ms, strict=True):
                 times += run_once(self.target, probe, one_round).latencies_ms or ()
+            self.seconds["speed probes"] += time.perf_counter() - t0
             order = [x[0] for x in live]
             for job, key, build in live:
-                if job not in samples:
+                if job not in samples or job in done:
                     continue
                 died = self.store.job_started(key)
                 self.current = key
+                t0 = time.perf_counter()
                 try:
                     run = run_once(self.target, build, one_round)
                 except KeyboardInterrupt:  # keep the jobs that had finished their last round
-                    self._commit(self._finished(samples, order, job, r), None)
+                    self._commit(self._finished(samples, done, order, job, r), None)
                     raise
+                finally:
+                    self.seconds[f"{job.kind} runs"] += time.perf_counter() - t0
                 self.store.job_abandoned(key, died)
                 self.current = None
                 if run.error_msg or not run.latencies_ms:
                     del samples[job]
                     failed += 1
                     if self._run_failed(result(job, self.target, self.config, self.device, run)):
-                        return self._finished(samples, order, job, r), None, failed, True
+                        return self._finished(samples, done, order, job, r), None, failed, True
                     continue
                 self.flush()  # only a successful run shows the device is alive (a build failure says nothing)
                 samples[job].extend(run.latencies_ms)
+                self.runs += len(run.latencies_ms)
+                if self.config.is_stable(samples[job]):
+                    done.add(job)
         speed = tuple(float(np.percentile(t, 10)) for t in probe_ms) if probe_ms and all(probe_ms) else None
         return samples, speed, failed, False
 
@@ -348,7 +367,9 @@ def profile(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, store, co
     report = ProfileReport(total=len(jobs), skipped=len(jobs) - len(todo), measured=loop.measured,
                            failed=loop.failed, dropped=loop.dropped, interrupted=interrupted,
                            stop_reason=loop.stop_reason, elapsed_s=time.perf_counter() - t0, lut_rows=len(store),
-                           retried_chunks=loop.retried, slowest_chunk=loop.slowest_kept)
+                           retried_chunks=loop.retried, slowest_chunk=loop.slowest_kept,
+                           phase_s=tuple(sorted(loop.seconds.items(), key=lambda kv: -kv[1])),
+                           runs_saved=1 - loop.runs / loop.full_runs if loop.full_runs else 0.0)
     if progress or interrupted or loop.stop_reason:
         console.print(describe(report, store.path))
     return report
@@ -416,6 +437,8 @@ def describe(report: ProfileReport, path) -> str:
                 f"the {report.total - report.skipped - report.measured - report.failed} missing jobs")
     if report.stop_reason:
         return f"[red]stopped[/]: {report.stop_reason}. {head}"
+    if report.runs_saved >= 0.005:
+        head += f"; adaptive repeats stopped stable jobs early ({report.runs_saved:.0%} fewer timed runs)"
     if report.retried_chunks:
         head += (f". The machine ran slow during {report.retried_chunks} chunk(s), measured again; the slowest "
                  f"chunk kept ran at {report.slowest_chunk:.2f}x the fastest's time")

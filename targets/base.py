@@ -4,7 +4,8 @@ and timeouts are results (``error_msg``), never exceptions lost in a log."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -47,6 +48,37 @@ class TargetPrecisions:
         """Every offered precision that runs as a real kernel (``all`` minus ``emulated``)."""
         return tuple(p for p in self.all if p not in self.emulated)
 
+    def restricted(self, keep: Iterable[Precision]) -> TargetPrecisions:
+        """Only the offered precisions in ``keep``, per op kind; fp32 always stays (every layer can fall
+        back to it, and the LUT prices the fallback)."""
+        keep = set(keep) | {FP32}
+        return TargetPrecisions(conv=tuple(p for p in self.conv if p in keep),
+                                dwconv=tuple(p for p in self.dwconv if p in keep),
+                                linear=tuple(p for p in self.linear if p in keep),
+                                emulated=tuple(p for p in self.emulated if p in keep))
+
+    def select(self, spec: str | Iterable[str | Precision]) -> TargetPrecisions:
+        """The precisions a user asked for: ``"native"`` (the real kernels: :attr:`native`), ``"all"``, or
+        labels (``"fp32,w8a8"`` or a sequence). A label the target does not offer is a ValueError that
+        lists what it offers."""
+        if isinstance(spec, str) and spec.strip() in ("native", "all"):
+            return self if spec.strip() == "all" else self.restricted(self.native)
+        labels = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+        wanted = []
+        for s in labels:
+            if isinstance(s, Precision):
+                wanted.append(s)
+                continue
+            try:
+                wanted.append(Precision.parse(s))
+            except ValueError:
+                raise ValueError(f"precision {s!r} is not a label like fp32 or w8a8 (or 'native', 'all')") from None
+        unknown = [p.label for p in wanted if p not in self.all]
+        if unknown or not wanted:
+            raise ValueError(f"precisions {unknown or labels} are not offered by this target; it offers "
+                             f"{[p.label for p in self.all]} ('native': {[p.label for p in self.native]})")
+        return self.restricted(wanted)
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -67,6 +99,16 @@ class ExportResult:
     integer_layers: tuple[str, ...] = ()  # layers verified to run as integer kernels
     float_layers: tuple[str, ...] = ()  # layers left float (by plan, or because the target could not)
     warnings: tuple[str, ...] = ()
+
+
+def with_precisions(target, precisions: TargetPrecisions):
+    """``target`` offering only ``precisions`` (a shallow copy: it shares the original's sessions, work
+    directory and RPC connection); what a profile or a LUT restricted to some precisions sees."""
+    if precisions == target.precisions:
+        return target
+    view = copy.copy(target)
+    view.precisions = precisions
+    return view
 
 
 @dataclass(frozen=True)

@@ -101,9 +101,13 @@ def test_sigkill_mid_profile_loses_nothing(tmp_path):
     from hwmpq.targets import get_target
 
     _, _, specs, edges = load_model_and_graph("test_small", None, None)
-    target = get_target("ort-x86")
+    from hwmpq.targets.base import with_precisions
+
+    ort = get_target("ort-x86")
+    target = with_precisions(ort, ort.precisions.select("native"))  # the default --precisions
     jobs = plan_jobs(profiling_specs(specs, edges, target), edges, target)  # what `hwmpq profile` measures
     with LutStore.read(lut) as store:
         config = store.measurements()[0].config
+        assert store.precisions == target.precisions.all  # the LUT says what it covers
         assert all(store.get(j.kind, j.signature, j.precision, config, j.src_precision) for j in jobs)
     assert len(jobs) == total

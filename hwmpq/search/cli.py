@@ -51,6 +51,8 @@ def search_command(
                                   "pretrained networks and unlabelled data")] = False,
     calibration_batches: Annotated[int, Opt(help="--ptq: training batches each plan is calibrated on")] = 4,
     profile_missing: Annotated[bool, Opt(help="measure LUT entries the model needs and the LUT lacks")] = False,
+    precisions: Annotated[str, Opt(help="--profile-missing measures these: 'native' (the target's real kernels), "
+                                        "'all', or labels like fp32,w8a8 (as hwmpq profile --precisions)")] = "native",
     force_lut: Annotated[bool, Opt(help="use a LUT of another device knowingly")] = False,
     warmup: Annotated[int, Opt(help="MeasureConfig warmup (as the LUT was profiled)")] = 30,
     repeat: Annotated[int, Opt(help="MeasureConfig repeat (as the LUT was profiled)")] = 100,
@@ -80,7 +82,7 @@ def search_command(
            if v} if (sam or stat_assist or grad_boost) else {}
     cfg = LoopConfig(method=method, model=model, num_classes=num_classes, data=data, data_limit=data_limit,
                      weights=weights, pretrain_epochs=pretrain_epochs, target=target, threads=threads, lut=lut,
-                     profile_missing=profile_missing, force_lut=force_lut, warmup=warmup, repeat=repeat, budget=budget,
+                     profile_missing=profile_missing, precisions=precisions, force_lut=force_lut, warmup=warmup, repeat=repeat, budget=budget,
                      budget_ms=budget_ms, budget_mj=budget_mj, bits=bits, search=search,
                      candidates=tuple(c for c in (candidates or "").split(",") if c),
                      finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,

@@ -38,6 +38,7 @@ class LoopConfig:
     threads: int = 1
     lut: str | None = None
     profile_missing: bool = False
+    precisions: str = "native"  # what --profile-missing measures (hwmpq profile --precisions)
     force_lut: bool = False
     warmup: int = 30  # MeasureConfig of the LUT rows (must match how the LUT was profiled)
     repeat: int = 100
@@ -136,7 +137,7 @@ def _profile_missing(cfg: LoopConfig, model, example_input, specs, edges, target
 
     try:
         report, context_rows = measure_missing(model, example_input, specs, edges, target, store, measure,
-                                               options=ProfileOptions(progress=cfg.progress))
+                                               options=ProfileOptions(progress=cfg.progress, precisions=cfg.precisions))
     except ProfileStopped:
         return
     if report.measured or report.failed:
