@@ -60,7 +60,6 @@ def predict_with_lut(lut: str, target, model: str, x, specs, plan) -> dict:
 
     from hwmpq.lut.model import build_table, edges_through_merges
     from hwmpq.lut.store import LutStore
-
     from hwmpq.modelspec import load_model
 
     plain = load_model(model, in_chans=x.shape[1]).eval()  # the float graph, as profiled
@@ -96,10 +95,9 @@ def export_command(
     writes model.so and a manifest marked "verified": false (with the reason) and warns."""
     import warnings
 
-    from hwmpq.targets import get_target
-
     from hwmpq.api import export as export_model
     from hwmpq.records import load_plan
+    from hwmpq.targets import get_target
 
     try:
         bit_plan = load_plan(plan)

@@ -60,9 +60,9 @@ def test_cli_refuses_infeasible_budget_before_training(tmp_path, monkeypatch):
     its transition terms T_e = C(a,b) - (C(a,a)+C(b,b))/2 carry timing noise and its cheapest plan can even
     predict a negative latency)."""
     import numpy as np
-    from hwmpq.lut.table import LatencyTable
 
     from hwmpq.cli import _register, app
+    from hwmpq.lut.table import LatencyTable
     from hwmpq.records import FP32, Precision
     from hwmpq.search import loop
 
