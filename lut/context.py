@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from hwmpq.profilers.context import KIND, WHERE, kernel_signature, model_signature
-from hwmpq.profilers.context import profile_context as profile_context  # also importable beside the deltas
 from hwmpq.records import Edge, LayerSpec, MeasureConfig, Precision
 
 

@@ -32,7 +32,6 @@ import numpy as np
 
 from hwmpq.profilers.jobs import timed_as_pair
 from hwmpq.profilers.probes import SPEED_PROBES
-from hwmpq.profilers.probes import profiling_specs as profiling_specs  # also importable beside the model
 from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision, pair_signature
 from hwmpq.targets.base import with_precisions
 

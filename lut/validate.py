@@ -16,9 +16,6 @@ import torch
 from torch import nn
 
 from hwmpq.profilers.measure import export_plan, measure_at_speed
-from hwmpq.profilers.measure import (
-    measure_interleaved as measure_interleaved,  # also importable beside validate
-)
 from hwmpq.records import BitPlan, MeasureConfig, atomic_write_text
 
 

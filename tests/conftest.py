@@ -57,12 +57,12 @@ def tiny_ort(tmp_path):
     (layers, stand-ins, transitions, overhead). Store closed and target cleaned up afterwards."""
     from types import SimpleNamespace
 
-    from hwmpq.lut.model import edges_through_merges, profiling_specs
+    from hwmpq.graph import analyse
+    from hwmpq.lut.model import edges_through_merges
     from hwmpq.lut.store import LutStore
+    from hwmpq.profilers.probes import profiling_specs
     from hwmpq.profilers.runner import profile
     from hwmpq.targets.ort.target import OrtTarget
-
-    from hwmpq.graph import analyse
     from hwmpq.zoo import create_model
 
     model = create_model("test_tiny").eval()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hwmpq.targets.fake import FakeTarget
 from torch import nn
 
 from hwmpq.graph import analyse
 from hwmpq.qmodules import QuantLayer, calibrate, quantize_
 from hwmpq.records import BitPlan, Precision
+from hwmpq.targets.fake import FakeTarget
 from hwmpq.zoo import create_model, list_models
 from hwmpq.zoo.frostnet import FrostBottleneck
 

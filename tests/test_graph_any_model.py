@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hwmpq.targets.ort.target import OrtTarget
-from hwmpq.targets.ort.timing import make_session
 from torch import nn
 
 from hwmpq.graph import UnsupportedModelError, analyse, layer_graph
 from hwmpq.qmodules import calibrate, quantize
 from hwmpq.records import W8A8, BitPlan
+from hwmpq.targets.ort.target import OrtTarget
+from hwmpq.targets.ort.timing import make_session
 
 N, H = 2, 16  # batch and input side of the MAC checks
 

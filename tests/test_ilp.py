@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from hwmpq.lut.table import LatencyTable
 from torch import nn
 
+from hwmpq.lut.table import LatencyTable
 from hwmpq.records import FP32, Precision
 from hwmpq.search.ilp import (
     ILPConfig,

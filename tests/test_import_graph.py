@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 # source folder -> the package it is installed as (pyproject.toml [tool.setuptools.package-dir])
 SOURCES = {"hwmpq": "hwmpq", "targets": "hwmpq.targets", "profilers": "hwmpq.profilers", "lut": "hwmpq.lut"}
@@ -36,15 +34,6 @@ LAYER_OF = {
     "hwmpq.qat_options": "search",
     "hwmpq.api": "api/cli", "hwmpq.cli": "api/cli", "hwmpq.cli_core": "api/cli", "hwmpq.__main__": "api/cli",
 }
-
-# Imports that break the rules today, each with who removes it; the test fails once one is gone, so the
-# entry is deleted with the import.
-KNOWN: dict[tuple[str, str], str] = {
-    # the profile sequence (measure_missing, ProfileOptions) moves below the search: the engineer giving
-    # the pipeline one home in hwmpq/api.py and hwmpq/search/loop.py
-    ("hwmpq.search.loop", "hwmpq.api"): "api/loop refactor",
-}
-
 
 def package_modules() -> dict[str, Path]:
     """Module name -> file, for every .py file of the installed packages."""
@@ -167,7 +156,7 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _edges_without_known() -> dict[str, set[str]]:
-    return {m: {t for t in targets if (m, t) not in KNOWN} for m, targets in GRAPH.items()}
+    return {m: set(targets) for m, targets in GRAPH.items()}
 
 
 def test_the_walk_sees_function_level_and_relative_imports():
@@ -194,11 +183,5 @@ def test_no_module_imports_a_higher_layer():
     rank = {layer: i for i, layer in enumerate(LAYERS)}
     bad = [f"{m} ({layer_of(m)}) imports {t} ({layer_of(t)}) at line {line}"
            for m, targets in GRAPH.items() for t, line in sorted(targets.items())
-           if (m, t) not in KNOWN and rank[layer_of(t)] > rank[layer_of(m)]]
+           if rank[layer_of(t)] > rank[layer_of(m)]]
     assert not bad, "imports against the layer order " + " <- ".join(LAYERS) + ":\n" + "\n".join(bad)
-
-
-@pytest.mark.parametrize("pair", sorted(KNOWN), ids=lambda p: f"{p[0]}->{p[1]}")
-def test_each_known_exception_still_exists(pair):
-    src, dst = pair
-    assert dst in GRAPH[src], f"{src} no longer imports {dst}: delete it from KNOWN ({KNOWN[pair]})"

@@ -9,8 +9,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from hwmpq.lut.table import LatencyTable
 
+from hwmpq.lut.table import LatencyTable
 from hwmpq.records import FP32, Precision
 from hwmpq.search.nemo import NEMOConfig, evolve, front_contribution, resize_species, run_points, select
 from hwmpq.search.nemo_encodings import DirectEncoding, GraphEncoding
@@ -152,9 +152,8 @@ def trained_tiny():
 
 def fake_table(model, x):
     """Per-layer fake-target latencies (MACs and bits, targets/fake.py), transitions where precision changes."""
-    from hwmpq.targets.fake import FakeTarget, fake_latency_ms
-
     from hwmpq.graph import analyse
+    from hwmpq.targets.fake import FakeTarget, fake_latency_ms
 
     specs, edges = analyse(model, x)
     cands = FakeTarget.precisions.conv

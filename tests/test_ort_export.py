@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from hwmpq.targets.ort.export import ExportError
-from hwmpq.targets.ort.target import OrtTarget
-from hwmpq.targets.ort.timing import make_session
 
 from hwmpq.data import load_digits
 from hwmpq.graph import analyse
 from hwmpq.qmodules import calibrate, quantize, quantize_
 from hwmpq.records import FP32, BitPlan, Precision, RecordError, from_jsonable, save_plan
+from hwmpq.targets.ort.export import ExportError
+from hwmpq.targets.ort.target import OrtTarget
+from hwmpq.targets.ort.timing import make_session
 from hwmpq.zoo import create_model
 
 W8A8 = Precision(8, 8)
@@ -146,9 +146,8 @@ def test_export_cli_float_checkpoint_warns_and_refuses_unknown_layers(trained, t
 def test_a_checkpoint_of_the_other_placement_is_refused_with_what_to_do(trained, digits, tmp_path):
     import copy
 
-    from hwmpq.targets.cli import load_for_export
-
     from hwmpq.modelspec import ModelLoadError
+    from hwmpq.targets.cli import load_for_export
 
     plan = BitPlan.uniform(["conv1", "conv2", "dw", "pw", "fc"], W8A8)
     per_layer = quantize_(copy.deepcopy(trained), plan)

@@ -6,13 +6,13 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+
+from hwmpq.records import FP32, BuildResult, LayerSpec, MeasureConfig, Precision
 from hwmpq.targets import get_target
 from hwmpq.targets.energy import modeled_energy_mj
 from hwmpq.targets.ort import layers
 from hwmpq.targets.ort.target import ORT_PRECISIONS, W8A8, OrtTarget
 from hwmpq.targets.ort.timing import make_session, random_feeds, summarize
-
-from hwmpq.records import FP32, BuildResult, LayerSpec, MeasureConfig, Precision
 
 FAST = MeasureConfig(warmup=1, repeat=3)
 CONV = LayerSpec("c", "conv", 8, 16, (3, 3), (1, 1), (1, 1), in_hw=(8, 8), out_hw=(8, 8), bias=False,

@@ -11,14 +11,14 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from hwmpq.targets.ort.target import OrtTarget
-from hwmpq.targets.ort.timing import make_session
 from torch import nn
 
 from hwmpq.graph import analyse
 from hwmpq.placement import TensorQuantizer
 from hwmpq.qmodules import QuantLayer, calibrate, placement_of, quant_layers, quantize
 from hwmpq.records import FP32, BitPlan, Precision
+from hwmpq.targets.ort.target import OrtTarget
+from hwmpq.targets.ort.timing import make_session
 from hwmpq.zoo import create_model
 
 W8A8 = Precision(8, 8)

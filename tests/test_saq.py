@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hwmpq.lut.table import LatencyTable
 
+from hwmpq.lut.table import LatencyTable
 from hwmpq.records import FP32, Precision
 from hwmpq.search.base import Budget, SearchInputs, run_search
 from hwmpq.search.saq import PlanGenerator, SAQConfig, generator_update, sample_within_budget
@@ -81,11 +81,10 @@ def test_energy_cost_needs_an_energy_budget():
 
 @pytest.mark.slow
 def test_saq_search_end_to_end_on_digits():
-    from hwmpq.targets.fake import fake_latency_ms
-
     from hwmpq.data import load_digits
     from hwmpq.graph import layer_graph
     from hwmpq.qmodules import QuantLayer
+    from hwmpq.targets.fake import fake_latency_ms
     from hwmpq.train import evaluate
     from hwmpq.zoo import create_model
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from hwmpq.lut.table import LatencyTable
 
+from hwmpq.lut.table import LatencyTable
 from hwmpq.records import FP32, Precision
 from hwmpq.search.base import Budget, BudgetError
 from hwmpq.search.budget import cheapest_plan, check_feasible, float_latency_ms, parse_budget, repair, within

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from hwmpq.lut.table import LatencyTable
 
 from hwmpq.data import load_dataset
 from hwmpq.graph import analyse
+from hwmpq.lut.table import LatencyTable
 from hwmpq.records import FP32, Precision
 from hwmpq.search import DNASConfig, SSPSConfig, UniformConfig, run_search
 from hwmpq.search.base import Budget, DataShapeError, SearchInputs

@@ -70,8 +70,9 @@ def test_profiler_measures_tvm_transitions_into_the_table(target, tmp_path, monk
     import torch
 
     from hwmpq.graph import analyse
-    from hwmpq.lut.model import build_table, edges_through_merges, profiling_specs
+    from hwmpq.lut.model import build_table, edges_through_merges
     from hwmpq.lut.store import LutStore
+    from hwmpq.profilers.probes import profiling_specs
     from hwmpq.profilers.runner import profile
     from hwmpq.zoo import create_model
 

@@ -35,17 +35,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from hwmpq.lut.context import profile_context
-from hwmpq.lut.model import build_table, edges_through_merges, profiling_specs
+
+from hwmpq.graph import analyse
+from hwmpq.lut.model import build_table, edges_through_merges
 from hwmpq.lut.store import LutStore
+from hwmpq.profilers.context import profile_context
+from hwmpq.profilers.probes import profiling_specs
 from hwmpq.profilers.runner import profile
+from hwmpq.qmodules import calibrate, quantize
+from hwmpq.records import FP32, BitPlan, BuildResult, MeasureConfig, Precision, atomic_write_text
 from hwmpq.targets.base import TargetPrecisions
 from hwmpq.targets.ort.target import OrtTarget
 from hwmpq.targets.ort.timing import make_session, summarize
-
-from hwmpq.graph import analyse
-from hwmpq.qmodules import calibrate, quantize
-from hwmpq.records import FP32, BitPlan, BuildResult, MeasureConfig, Precision, atomic_write_text
 from hwmpq.zoo import create_model
 
 W8A8 = Precision(8, 8)

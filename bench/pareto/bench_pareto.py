@@ -115,13 +115,12 @@ def strategy_front(ctx, config, name: str) -> tuple[list, dict]:
 def export_measured(ctx, fronts: dict, fractions: list[float], out: Path, proxy: ProxyConfig) -> dict:
     """Pick per method and budget, export (quantized in the target's placement, ``Target.placement``: the
     ORT exporter needs one quantizer per tensor, the proxy scored per-layer quantizers; calibrated on the
-    proxy's images), then time all picks in ONE interleaved run (``lut.validate.measure_interleaved``), so
+    proxy's images), then time all picks in ONE interleaved run (``hwmpq.profilers.measure.measure_interleaved``), so
     their latencies are comparable."""
-    from hwmpq.lut.validate import measure_interleaved
-
+    from hwmpq.profilers.measure import measure_interleaved
     from hwmpq.qmodules import calibrate, quantize
 
-    if not hasattr(ctx.target, "export"):
+    if not ctx.target.capabilities.export:
         _log(f"target {ctx.target.id} cannot export whole models: nothing measured")
         return {}
     picks: dict[tuple, tuple] = {}  # plan -> (export, predicted ms, first method and budget that picked it)

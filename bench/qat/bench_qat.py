@@ -70,9 +70,8 @@ def float_model(a, splits, out: Path) -> nn.Module:
 
 
 def measured_table(model: nn.Module, lut: Path):
-    from hwmpq.targets import get_target
-
     from hwmpq.search.loop import LoopConfig, load_table
+    from hwmpq.targets import get_target
 
     target = get_target("ort-x86", threads=1)
     cfg = LoopConfig(lut=str(lut), profile_missing=True, progress=False)
@@ -156,7 +155,7 @@ def measure_plans(a) -> None:
     interleaved run on ort-x86, so "the same budget" is checked on the device, not only by the LUT."""
     import tempfile
 
-    from hwmpq.lut.validate import export_plan, measure_interleaved
+    from hwmpq.profilers.measure import export_plan, measure_interleaved
     from hwmpq.targets import get_target
 
     out = Path(a.out)

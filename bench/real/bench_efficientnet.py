@@ -32,9 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hwmpq.targets.base import TargetPrecisions
-from hwmpq.targets.ort.target import OrtTarget
-from hwmpq.targets.ort.timing import make_session, summarize
 from PIL import Image
 from torch.utils.data import TensorDataset
 
@@ -42,6 +39,9 @@ import hwmpq
 from hwmpq.data import splits_from_datasets
 from hwmpq.graph import analyse
 from hwmpq.records import FP32, BitPlan, MeasureConfig, Precision, atomic_write_text
+from hwmpq.targets.base import TargetPrecisions
+from hwmpq.targets.ort.target import OrtTarget
+from hwmpq.targets.ort.timing import make_session, summarize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ort"))
 from bench_export import measure_rounds, optimized_ops, ort_quantize_static  # noqa: E402

@@ -114,12 +114,12 @@ def repredict(rows: list[dict]) -> None:
     """Predict every row's plan again with the current LUT latency model (the in-loop prediction is kept as
     ``predicted_inloop_ms``): the table is rebuilt from the same LUT rows, nothing is re-measured."""
     import torch
+
     from hwmpq.lut.cli import main_config
     from hwmpq.lut.store import LutStore
-    from hwmpq.targets import get_target
-
     from hwmpq.records import load_plan
     from hwmpq.search.loop import LoopConfig, load_table
+    from hwmpq.targets import get_target
     from hwmpq.zoo import create_model
 
     target, tables = get_target("ort-x86", threads=1), {}
@@ -142,11 +142,10 @@ def remeasure(rows: list[dict], warmup: int, repeat: int, rounds: int) -> None:
     """Time every exported model again in ONE interleaved run (``rounds`` slices of ``repeat``), so that
     the latencies in the table are comparable: the in-loop measurement of each row (kept as
     ``measured_inline_ms``) happened minutes apart, under whatever else the machine was running then."""
-    from hwmpq.lut.validate import measure_interleaved
+    from hwmpq.profilers.measure import measure_interleaved
+    from hwmpq.records import MeasureConfig
     from hwmpq.targets import get_target
     from hwmpq.targets.base import ExportResult
-
-    from hwmpq.records import MeasureConfig
 
     target = get_target("ort-x86", threads=1)
     config = MeasureConfig(warmup=warmup, repeat=repeat, threads=1)

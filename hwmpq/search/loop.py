@@ -133,7 +133,7 @@ def load_table(cfg: LoopConfig, model: nn.Module, example_input: torch.Tensor, t
 def _profile_missing(cfg: LoopConfig, model, example_input, specs, edges, target, store, measure) -> None:
     """The profile sequence (hwmpq.api.measure_missing) over what the LUT lacks; a complete LUT measures
     nothing. A profile stopped early (a dead device) leaves the missing entries to be named by the table."""
-    from hwmpq.api import ProfileOptions, ProfileStopped, measure_missing
+    from hwmpq.profilers.sequence import ProfileOptions, ProfileStopped, measure_missing
 
     try:
         report, context_rows = measure_missing(model, example_input, specs, edges, target, store, measure,
@@ -278,7 +278,7 @@ def measure_together(ctx: Context, cfg: LoopConfig, rows: list[dict[str, Any]], 
     after each row's fine-tuning, the same int8 export measured 10-40% slower than a minute later."""
     from hwmpq.lut.model import speed_rows
     from hwmpq.lut.store import LutStore
-    from hwmpq.lut.validate import measure_at_speed
+    from hwmpq.profilers.measure import measure_at_speed
 
     live = [(r, e) for r, e in zip(rows, exports, strict=True) if e is not None]
     if not live or not ctx.target.capabilities.measure_artifact:

@@ -247,7 +247,7 @@ def transition_model(shape: tuple[int, ...], src: Precision, dst: Precision) -> 
     """:func:`chain_model` of two stand-ins on a tensor of ``shape``, joined by a ReLU: the transition of an
     edge whose two layers do not chain as they stand (pooling or a reshape between). lut/model.py uses
     C(src, dst) - S(src) - S(dst) + overhead, S being the stand-in measured alone as a layer (profile
-    :func:`stand_in_spec` of every such edge shape, see ``lut.model.profiling_specs``)."""
+    :func:`stand_in_spec` of every such edge shape, see ``hwmpq.profilers.probes.profiling_specs``)."""
     spec = stand_in_spec(tuple(shape))
     return chain_model(spec, src, spec, dst)
 
