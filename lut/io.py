@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from hwmpq.atomic import atomic_write
 
 from .schema import COLUMNS, version_problem
 from .store import CorruptLutError, ForeignLutError, LutError, LutStore, row_to_measurement
@@ -24,32 +25,13 @@ FORMATS = ("parquet", "csv")
 _META_KEY = b"hwmpq_meta"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_output(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def export_lut(store: LutStore, path: str | os.PathLike, fmt: str = "parquet") -> int:
     """Write every row of ``store`` to ``path`` (atomically); returns the number of rows."""
     if fmt not in FORMATS:
         raise LutError(f"export format {fmt!r} is not one of {FORMATS}")
     df = store.frame()
     if fmt == "csv":
-        _atomic_output(Path(path), lambda tmp: df.to_csv(tmp, index=False))
+        atomic_write(Path(path), lambda tmp: df.to_csv(tmp, index=False))
         return len(df)
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -58,7 +40,7 @@ def export_lut(store: LutStore, path: str | os.PathLike, fmt: str = "parquet") -
     meta = dict(table.schema.metadata or {})
     meta[_META_KEY] = json.dumps(store.meta, sort_keys=True).encode()
     table = table.replace_schema_metadata(meta)
-    _atomic_output(Path(path), lambda tmp: pq.write_table(table, tmp))
+    atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp))
     return len(df)
 
 
@@ -96,7 +78,7 @@ def copy_lut(store: LutStore, path: str | os.PathLike) -> None:
         finally:
             dst.close()
 
-    _atomic_output(p, write)
+    atomic_write(p, write)
 
 
 @dataclass(frozen=True)
