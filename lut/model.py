@@ -195,12 +195,14 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
     alone (lut/context.py), where the store holds those kernel rows.
 
     The candidates are the precisions the store's profiles covered (``store.precisions``: ``hwmpq profile
-    --precisions``, default the target's native kernels), or all the target offers for a store that does
-    not say. Raises :class:`MissingEntriesError` naming the (layer, precision) pairs without a row, and
+    --precisions``, default the target's native kernels) that have layer rows under ``config`` (a LUT
+    profiled at every precision under an older protocol and at the native ones under this one offers the
+    native ones), or all the target offers for a store that does not say. Raises :class:`MissingEntriesError` naming the (layer, precision) pairs without a row, and
     :class:`ForeignTableError` for a store from another device/target or an emulated one."""
     check_origin(store, target, allow_foreign=allow_foreign, allow_emulated=allow_emulated)
-    if store.precisions is not None:
-        target = with_precisions(target, target.precisions.restricted(store.precisions))
+    if store.precisions is not None:  # and of those, the ones profiled under this protocol at all
+        timed = {m.precision for m in store.measurements("layer") if m.config.key == config.key}
+        target = with_precisions(target, target.precisions.restricted(set(store.precisions) & timed))
     oh = store.get("overhead", "overhead", FP32, config)
     overhead_ms = _ok_latency(oh, config)
     specs = list(specs)

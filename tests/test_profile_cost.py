@@ -108,3 +108,22 @@ def test_adaptive_repeats_stop_stable_jobs_early_and_fixed_counts_take_every_rep
     hwmpq.profile(net, x, target="ort-x86", lut=tmp_path / "b.lut", config=fixed, context=False, options=opts)
     with LutStore.read(tmp_path / "b.lut") as store:
         assert {m.n for m in store.measurements("layer")} == {40}
+
+
+def test_a_lut_profiled_at_every_precision_under_another_protocol_offers_what_this_one_timed(tmp_path):
+    from hwmpq.lut.model import build_table
+    from hwmpq.lut.store import LutStore
+    from hwmpq.profilers.cli import load_model_and_graph
+    from hwmpq.targets import get_target
+
+    lut = tmp_path / "cpu.lut"
+    assert _cli([*QUICK, "--lut", str(lut), "--precisions", "all"]).exit_code == 0
+    again = [*QUICK[:QUICK.index("--repeat")], "--repeat", "21", *QUICK[QUICK.index("--repeat") + 2:]]
+    assert _cli([*again, "--lut", str(lut)]).exit_code == 0  # another protocol, native precisions
+    _, _, specs, edges = load_model_and_graph("test_small", None, None)
+    with LutStore.read(lut) as store:
+        assert W4A8 in store.precisions  # the file covers w4a8 ...
+        by_repeat = {m.config.repeat: m.config for m in store.measurements("layer")}
+        table = build_table(store, specs, edges, by_repeat[21], get_target("ort-x86"))
+        assert W4A8 not in table.candidates and W8A8 in table.candidates  # ... but not under this protocol
+        assert W4A8 in build_table(store, specs, edges, by_repeat[20], get_target("ort-x86")).candidates
