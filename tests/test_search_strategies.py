@@ -10,9 +10,10 @@ import torch
 from hwmpq.data import load_dataset
 from hwmpq.graph import analyse
 from hwmpq.lut.table import LatencyTable
+from hwmpq.modelspec import DataShapeError
 from hwmpq.records import FP32, Precision
 from hwmpq.search import DNASConfig, SSPSConfig, UniformConfig, run_search
-from hwmpq.search.base import Budget, DataShapeError, SearchInputs
+from hwmpq.search.base import Budget, SearchInputs
 from hwmpq.search.budget import cheapest_plan
 from hwmpq.search.dnas import SearchLossError
 from hwmpq.search.ssps import certainty

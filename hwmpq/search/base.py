@@ -18,7 +18,7 @@ from torch import nn
 
 from hwmpq.data import Splits
 from hwmpq.lut.table import LatencyTable
-from hwmpq.modelspec import DataShapeError, check_channels  # noqa: F401 (part of this module's interface)
+from hwmpq.modelspec import check_channels
 from hwmpq.records import BitPlan
 
 
