@@ -376,6 +376,29 @@ def input_activations(gm: fx.GraphModule) -> dict[str, str]:
     return out
 
 
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def max_pool_of(node: fx.Node, modules: dict) -> tuple[int, ...] | None:
+    """``Edge.pool`` of a 2-d max pool node ((kernel, stride, padding) per axis); () for a max pool an edge
+    cannot describe (dilated, ceil mode, indices); None if ``node`` is no max pool."""
+    if node.op == "call_module" and isinstance(modules[node.target], nn.MaxPool2d):
+        m = modules[node.target]
+        k, s, p, d, ceil, idx = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices
+    elif node.op == "call_function" and node.target is F.max_pool2d:
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+        a = dict(zip(names[:len(node.args) - 1], node.args[1:])) | dict(node.kwargs)
+        k = a.get("kernel_size")
+        s, p, d = a.get("stride") or k, a.get("padding", 0), a.get("dilation", 1)
+        ceil, idx = a.get("ceil_mode", False), a.get("return_indices", False)
+    else:
+        return None
+    if any(isinstance(v, fx.Node) for v in (k, s, p, d, ceil, idx)) or _pair(d) != (1, 1) or ceil or idx:
+        return ()
+    return (*_pair(k), *_pair(s), *_pair(p))
+
+
 def analyse(model: nn.Module, example_input: torch.Tensor) -> tuple[list[LayerSpec], list[Edge]]:
     """Layers in execution order and the edges between quantizable layers: through every op with one
     tensor input (or several computed from the same layers, like ``x * sigmoid(x)``), not through a
@@ -388,11 +411,13 @@ def analyse(model: nn.Module, example_input: torch.Tensor) -> tuple[list[LayerSp
     sizes = shape_valued(gm)
     specs: list[LayerSpec] = []
     producers: dict[fx.Node, set[str]] = {}
+    pools: dict[fx.Node, tuple[int, ...]] = {}  # the max pool since the producing layer (``Edge.pool``)
     edges: list[Edge] = []
     for node in gm.graph.nodes:
         inputs = _tensor_inputs(node, sizes)
         feeding = {frozenset(producers[a]) for a in inputs if producers.get(a)}
         upstream: set[str] = set(next(iter(feeding))) if len(feeding) == 1 else set()
+        before = pools.get(inputs[0], ()) if len(inputs) == 1 else ()
         if node in layers:
             mod = modules[node.target]
             in_shape = prop.shapes[inputs[0]]
@@ -400,10 +425,12 @@ def analyse(model: nn.Module, example_input: torch.Tensor) -> tuple[list[LayerSp
             spec = _spec(node.target, mod, call)
             specs.append(spec)
             shape = spec.input_shape if spec.kind == "linear" else in_shape
-            edges.extend(Edge(src, spec.fqn, shape, activation[spec.fqn]) for src in sorted(upstream))
+            edges.extend(Edge(src, spec.fqn, shape, activation[spec.fqn], pool=before) for src in sorted(upstream))
             producers[node] = {spec.fqn}
         else:
             producers[node] = upstream
+            pool = max_pool_of(node, modules)
+            pools[node] = before if pool is None else (pool if not before else ())  # two pools: not described
     return specs, edges
 
 

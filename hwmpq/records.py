@@ -143,35 +143,70 @@ class Edge:
     # the merge the tensor passes through on the way: one of MERGES. A residual add between integer
     # layers is a float Add on dequantized inputs that also keeps ORT from folding the ReLU into the Q.
     merge: str = "none"
+    # the one max pool the tensor passes through on the way (a ResNet stem's), as (kernel_h, kernel_w,
+    # stride_h, stride_w, pad_h, pad_w); () if none (or one :func:`chains` cannot time: dilated, ceil mode)
+    pool: tuple[int, ...] = ()
 
     _version = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensor_shape", tuple(int(v) for v in self.tensor_shape))
+        object.__setattr__(self, "pool", tuple(int(v) for v in self.pool))
         if self.activation not in ACTIVATIONS:
             raise RecordError(f"Edge {self.src}->{self.dst}: activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.merge not in MERGES:
             raise RecordError(f"Edge {self.src}->{self.dst}: merge {self.merge!r} is not one of {MERGES}")
+        if len(self.pool) not in (0, 6) or any(v < 0 for v in self.pool):
+            raise RecordError(f"Edge {self.src}->{self.dst}: pool {self.pool!r} is not (kernel_h, kernel_w, stride_h, "
+                              "stride_w, pad_h, pad_w)")
 
     @property
     def signature(self) -> str:
-        return hashlib.sha256(json.dumps(list(self.tensor_shape)).encode()).hexdigest()[:16]
+        """The stand-in chain's signature: the tensor shape (and the chains' :data:`CHAIN_VERSION`)."""
+        key = ["chain", list(self.tensor_shape), CHAIN_VERSION]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+    def pair_signature(self, src: LayerSpec, dst: LayerSpec) -> str:
+        """The signature of this edge timed with its own two layers (:func:`pair_signature`)."""
+        return pair_signature(src, dst, self.activation, self.merge, self.pool)
 
 
 ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "sigmoid", "silu")
 MERGES = ("none", "add", "concat")
 
 
-def pair_signature(src: LayerSpec, dst: LayerSpec, activation: str = "relu", merge: str = "none") -> str:
+# What a transition chain holds between its two layers is the glue a target's exporter writes; when
+# that glue changes, this version changes every transition signature, so a LUT's old chain rows are
+# measured again instead of pricing glue the exporter no longer writes. 2: an activation the integer
+# producer's quantizer absorbs is no longer in the chain (the exporter drops it); max pools in pair chains.
+CHAIN_VERSION = 2
+
+
+def pair_signature(src: LayerSpec, dst: LayerSpec, activation: str = "relu", merge: str = "none",
+                   pool: tuple[int, ...] = ()) -> str:
     """Signature of a chain of two real layers joined by ``activation`` (after a residual add if ``merge``
-    is "add"): the transition of an edge measured with its own neighbours."""
-    key = ["pair", src.signature, dst.signature, activation] + ([merge] if merge != "none" else [])
+    is "add", after the max pool ``pool`` if any): the transition of an edge measured with its own
+    neighbours."""
+    key = (["pair", src.signature, dst.signature, activation] + ([merge] if merge != "none" else [])
+           + (["maxpool", *pool] if pool else []) + [CHAIN_VERSION])
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
+def pooled_shape(shape: tuple[int, ...], pool: tuple[int, ...]) -> tuple[int, ...]:
+    """The NCHW ``shape`` after the max pool ``pool`` (:attr:`Edge.pool`; no ceil mode, no dilation)."""
+    if not pool:
+        return tuple(shape)
+    kh, kw, sh, sw, ph, pw = pool
+    n, c, h, w = shape
+    return (n, c, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+
+
 def chains(src: LayerSpec, dst: LayerSpec, edge: Edge) -> bool:
-    """Whether ``src``'s output is ``dst``'s input as it stands (no pooling or reshaping between), so that
-    the two layers can be timed as one two-layer chain."""
+    """Whether ``src``'s output is ``dst``'s input as it stands (no reshaping between; at most the edge's
+    max pool, and then no merge), so that the two layers can be timed as one two-layer chain."""
+    if edge.pool:
+        return (edge.merge == "none" and len(src.output_shape) == 4
+                and pooled_shape(src.output_shape, edge.pool) == edge.tensor_shape == dst.input_shape)
     return src.output_shape == edge.tensor_shape == dst.input_shape and edge.merge in ("none", "add")
 
 

@@ -8,8 +8,8 @@
   quantized layers, so no Q/DQ of its own), minus the per-session call overhead that every isolated
   measurement carries once and a whole model pays once.
 - ``T_e``: from transition rows C(a, b), the time of a two-layer chain at precisions (a, b). Where the
-  edge's two layers chain as they stand, C is those two real layers joined by the edge's activation and
-  residual add (targets/ort/layers.py: ``chain_model``) and T = C - R_src(a) - R_dst(b) + overhead (:func:`pair_matrix`); elsewhere C is a
+  edge's two layers chain as they stand, C is those two real layers joined by the edge's activation,
+  residual add or max pool (targets/ort/layers.py: ``chain_model``) and T = C - R_src(a) - R_dst(b) + overhead (:func:`pair_matrix`); elsewhere C is a
   chain of stand-ins on the edge's tensor shape and S(p) the stand-in alone (a layer row;
   ``hwmpq.profilers.probes.profiling_specs`` adds the stand-ins to what is profiled;
   :func:`transition_matrix`). T holds what handing the tensor across costs beyond what the isolated
@@ -32,7 +32,7 @@ import numpy as np
 
 from hwmpq.profilers.jobs import timed_as_pair
 from hwmpq.profilers.probes import SPEED_PROBES
-from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision, pair_signature
+from hwmpq.records import FP32, Edge, LayerSpec, MeasureConfig, Precision
 from hwmpq.targets.base import with_precisions
 
 from .table import LatencyTable
@@ -113,19 +113,19 @@ def speed_rows(store, config) -> dict[str, float]:
     return out
 
 
-def pair_matrix(store, src: LayerSpec, dst: LayerSpec, activation: str, cands, allowed_src, allowed_dst, config,
-                overhead_ms: float, merge: str = "none") -> tuple[np.ndarray, int, bool]:
+def pair_matrix(store, src: LayerSpec, dst: LayerSpec, edge: Edge, cands, allowed_src, allowed_dst, config,
+                overhead_ms: float) -> tuple[np.ndarray, int, bool]:
     """[P, P] matrix T_e of an edge timed with its own two layers, how many entries were missing, and
     whether any chain row was found (an older LUT has only stand-in chains: :func:`transition_matrix`).
 
     ``T[a, b] = C(a, b) - R_src(a) - R_dst(b) + overhead``, C the chain of the two real layers joined by
-    the edge's activation (after a residual add for ``merge`` "add") and R their layer rows (without it), so that the rows plus T reproduce the
+    ``edge``'s activation, residual add and max pool, and R their layer rows (without it), so that the rows plus T reproduce the
     chain. The diagonal keeps its sign (a chain of two float convs shares one NCHWc layout change:
     negative; DQ/activation/Q glue between integer layers: positive), bounded below by
     ``overhead - min(R_src(a), R_dst(a))``; a boundary is clamped at >= 0, as in
     :func:`transition_matrix`."""
     t = np.zeros((len(cands), len(cands)))
-    sig = pair_signature(src, dst, activation, merge)
+    sig = edge.pair_signature(src, dst)
     missing, found = 0, False
     for a in allowed_src:
         for b in allowed_dst:
@@ -226,8 +226,8 @@ def build_table(store, specs: Sequence[LayerSpec], edges: Sequence[Edge], config
         allowed_i, allowed_j = target.precisions.for_layer(specs[i]), target.precisions.for_layer(specs[j])
         found = False
         if timed_as_pair(e, by_fqn, target):
-            t, miss, found = pair_matrix(store, specs[i], specs[j], e.activation, cands, allowed_i, allowed_j,
-                                         config, overhead_ms or 0.0, e.merge)
+            t, miss, found = pair_matrix(store, specs[i], specs[j], e, cands, allowed_i, allowed_j, config,
+                                         overhead_ms or 0.0)
         if not found:
             stand_in = target.transition_stand_in(e.tensor_shape) if target.capabilities.transitions else None
             t, miss = transition_matrix(store, e, cands, allowed_i, allowed_j, config, overhead_ms or 0.0, stand_in)

@@ -21,7 +21,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from hwmpq.records import FP32, BuildResult, Edge, LayerSpec, Precision, chains, pair_signature
+from hwmpq.records import FP32, BuildResult, Edge, LayerSpec, Precision, chains
 
 OVERHEAD_SIGNATURE = "overhead"
 
@@ -41,6 +41,7 @@ class MeasureJob:
     src_spec: LayerSpec | None = None
     activation: str = "relu"  # the edge's (pair chains only)
     merge: str = "none"  # the edge's merge (pair chains only): "add" chains through a residual add
+    pool: tuple[int, ...] = ()  # the edge's max pool (pair chains only): ``Edge.pool``
     fqns: tuple[str, ...] = ()  # the model's layers (or edges "src->dst") this job stands for
 
     @property
@@ -51,7 +52,8 @@ class MeasureJob:
             return f"layer {what} @ {self.precision.label} ({self.fqns[0]})"
         if self.kind == "transition":
             what = ("x".join(map(str, self.shape or ())) if self.src_spec is None
-                    else f"{self.src_spec.fqn}-{'add-' if self.merge == 'add' else ''}{self.activation}->"
+                    else f"{self.src_spec.fqn}-{'add-' if self.merge == 'add' else ''}{self.activation}-"
+                         f"{'maxpool-' if self.pool else ''}>"
                          f"{self.spec.fqn}")
             return f"transition {what} {self.src_precision.label}->{self.precision.label}"
         return "per-model overhead"
@@ -64,7 +66,8 @@ class MeasureJob:
         if self.kind == "transition" and self.src_spec is not None:
             return json.dumps({"pair": [self.src_spec.shape_fields, self.spec.shape_fields],
                                "activation": self.activation}
-                              | ({"merge": self.merge} if self.merge != "none" else {}), sort_keys=True)
+                              | ({"merge": self.merge} if self.merge != "none" else {})
+                              | ({"maxpool": list(self.pool)} if self.pool else {}), sort_keys=True)
         if self.kind == "transition":
             return json.dumps({"tensor_shape": list(self.shape or ())})
         return json.dumps({"overhead": True})
@@ -76,7 +79,7 @@ class MeasureJob:
                 return target.build_layer(self.spec, self.precision)
             if self.kind == "transition" and self.src_spec is not None:
                 return target.build_pair(self.src_spec, self.src_precision, self.spec, self.precision,
-                                         self.activation, self.merge)
+                                         self.activation, self.merge, self.pool)
             if self.kind == "transition":
                 return target.build_transition(self.shape, self.src_precision, self.precision)
             return target.build_overhead()
@@ -133,7 +136,7 @@ def plan_jobs(specs: Sequence[LayerSpec], edges: Sequence[Edge], target, *,
             placed.add(spec.signature)
             jobs += layer_jobs[spec.signature]
         for e in paired:
-            sig = pair_signature(by_fqn[e.src], by_fqn[e.dst], e.activation, e.merge)
+            sig = e.pair_signature(by_fqn[e.src], by_fqn[e.dst])
             if e.dst == spec.fqn and sig not in placed_pairs:
                 placed_pairs.add(sig)
                 jobs += [j for j in pairs if j.signature == sig]
@@ -151,7 +154,7 @@ def _transition_jobs(edges: Sequence[Edge], by_fqn: dict[str, LayerSpec], target
     out: dict[tuple, MeasureJob] = {}
     for e in edges:
         src, dst = by_fqn[e.src], by_fqn[e.dst]
-        sig = pair_signature(src, dst, e.activation, e.merge) if as_pair else e.signature
+        sig = e.pair_signature(src, dst) if as_pair else e.signature
         for sp in target.precisions.for_layer(src):
             for dp in target.precisions.for_layer(dst):
                 key = (sig, sp, dp)
@@ -161,7 +164,7 @@ def _transition_jobs(edges: Sequence[Edge], by_fqn: dict[str, LayerSpec], target
                     out[key] = replace(old, fqns=old.fqns + (name,))
                 elif as_pair:
                     out[key] = MeasureJob("transition", sig, dp, sp, spec=dst, shape=e.tensor_shape, src_spec=src,
-                                          activation=e.activation, merge=e.merge, fqns=(name,))
+                                          activation=e.activation, merge=e.merge, pool=e.pool, fqns=(name,))
                 else:
                     out[key] = MeasureJob("transition", sig, dp, sp, shape=e.tensor_shape, fqns=(name,))
     return list(out.values())

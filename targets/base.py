@@ -160,8 +160,9 @@ class TransitionBuilder(Protocol):
 @runtime_checkable
 class PairBuilder(Protocol):
     def build_pair(self, src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: Precision,
-                   activation: str = "relu", merge: str = "none") -> BuildResult:
-        """The edge's own two layers chained (``src_spec``'s output is ``dst_spec``'s input)."""
+                   activation: str = "relu", merge: str = "none", pool: tuple[int, ...] = ()) -> BuildResult:
+        """The edge's own two layers chained (``src_spec``'s output, through the max pool ``pool`` if
+        any, is ``dst_spec``'s input)."""
 
 
 @runtime_checkable

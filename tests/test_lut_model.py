@@ -27,7 +27,10 @@ from hwmpq.records import (
     MeasureConfig,
     Measurement,
     Precision,
+    RecordError,
+    chains,
     pair_signature,
+    pooled_shape,
 )
 from hwmpq.targets.base import Capabilities, DeviceInfo, TargetPrecisions
 from hwmpq.zoo import create_model
@@ -215,12 +218,29 @@ def test_edges_carry_the_activation_the_exported_graph_holds():
         Edge("a", "b", (1, 8), "relu", "mul")
 
 
-def test_pair_signatures_of_plain_edges_are_those_of_older_luts():
-    """A merge is part of a pair chain's signature only when there is one, so LUTs profiled before edges
-    carried merges keep their chain rows for plain edges."""
-    old = hashlib.sha256(json.dumps(["pair", A.signature, B.signature, "relu6"]).encode()).hexdigest()[:16]
-    assert pair_signature(A, B, "relu6") == pair_signature(A, B, "relu6", "none") == old
-    assert pair_signature(A, B, "relu6", "add") != old
+def test_chain_signatures_carry_what_the_chain_holds_and_the_chain_version():
+    """A pair chain's signature changes with its merge and max pool, and every transition signature with
+    CHAIN_VERSION, so a LUT's chain rows timed on glue the exporter no longer writes are measured again."""
+    plain = pair_signature(A, B, "relu6")
+    assert plain == pair_signature(A, B, "relu6", "none", ()) == Edge("a", "b", (1, 8), "relu6").pair_signature(A, B)
+    assert len({plain, pair_signature(A, B, "relu6", "add"), pair_signature(A, B, "relu6", pool=(3, 3, 2, 2, 1, 1)),
+                pair_signature(A, B, "relu")}) == 4
+    before = hashlib.sha256(json.dumps(["pair", A.signature, B.signature, "relu6"]).encode()).hexdigest()[:16]
+    assert plain != before
+    assert Edge("a", "b", (1, 8)).signature != hashlib.sha256(json.dumps([1, 8]).encode()).hexdigest()[:16]
+
+
+def test_edge_pools_are_validated_and_chain_only_when_the_pooled_shape_matches():
+    stem = LayerSpec("stem", "conv", 3, 8, kernel=(3, 3), stride=(2, 2), padding=(1, 1), in_hw=(32, 32),
+                     out_hw=(16, 16), macs=1, params=1)
+    nxt = LayerSpec("next", "conv", 8, 8, kernel=(3, 3), padding=(1, 1), in_hw=(8, 8), out_hw=(8, 8), macs=1, params=1)
+    pool = (3, 3, 2, 2, 1, 1)
+    assert pooled_shape((1, 8, 16, 16), pool) == (1, 8, 8, 8)
+    assert chains(stem, nxt, Edge("stem", "next", (1, 8, 8, 8), pool=pool))
+    assert not chains(stem, nxt, Edge("stem", "next", (1, 8, 8, 8)))  # a pool the edge does not describe
+    assert not chains(stem, nxt, Edge("stem", "next", (1, 8, 8, 8), merge="add", pool=pool))
+    with pytest.raises(RecordError, match="pool"):
+        Edge("stem", "next", (1, 8, 8, 8), pool=(3, 3, 2))
 
 
 @pytest.mark.slow

@@ -161,3 +161,48 @@ def test_a_checkpoint_of_the_other_placement_is_refused_with_what_to_do(trained,
     x = digits.test.tensors[0][:32]
     with torch.no_grad():
         assert torch.equal(net(x), per_tensor(x))  # the checkpoint restores the trained quantizers exactly
+
+
+class _StemPoolNet(torch.nn.Module):
+    """A ResNet stem (conv, BN, ReLU, max pool) into a 3x3 conv, then a 3x3 conv after a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 7, 2, 3, bias=False)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.pool = torch.nn.MaxPool2d(3, 2, 1)
+        self.conv = torch.nn.Conv2d(16, 16, 3, 1, 1)
+        self.head = torch.nn.Conv2d(16, 16, 3, 1, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(self.pool(torch.relu(self.bn(self.stem(x)))))))
+
+
+def _between_kernels(path, first: int = 0) -> list[str]:
+    """The optimized graph's node types between its ``first``-th layer kernel and the next one."""
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    at = [i for i, op in enumerate(ops) if op in ("Conv", "QLinearConv")]
+    return ops[at[first] + 1:at[first + 1]]
+
+
+@pytest.mark.parametrize("src", [FP32, W8A8], ids=["fp32", "w8a8"])
+@pytest.mark.parametrize("dst", [FP32, W8A8], ids=["fp32", "w8a8"])
+def test_pair_chains_hold_the_glue_the_exporter_writes(tmp_path, src, dst):
+    """What a pair chain (the LUT's transition row) puts between its two layers is what ORT runs between
+    them in the exported model, through a max pool (the stem edge) and through an absorbed ReLU."""
+    from hwmpq.profilers.measure import export_plan
+    from hwmpq.targets.ort import layers
+
+    model, x = _StemPoolNet().eval(), torch.randn(1, 3, 64, 64)
+    specs, edges = analyse(model, x)
+    by = {s.fqn: s for s in specs}
+    assert [(e.src, e.dst, e.pool) for e in edges] == [("stem", "conv", (3, 3, 2, 2, 1, 1)), ("conv", "head", ())]
+    plan = BitPlan.from_dict({"stem": src, "conv": dst, "head": dst})
+    exported = export_plan(OrtTarget(threads=1, workdir=str(tmp_path)), model, plan, x, str(tmp_path / "export"))
+    make_session(open(exported.artifact, "rb").read(), 1, optimized_path=str(tmp_path / "model_opt.onnx"))
+    for i, e in enumerate(edges):
+        a, b = (src, dst) if i == 0 else (dst, dst)
+        chain = layers.chain_model(by[e.src], a, by[e.dst], b, e.activation, e.merge, e.pool)
+        make_session(chain.SerializeToString(), 1, optimized_path=str(tmp_path / f"chain{i}_opt.onnx"))
+        assert _between_kernels(tmp_path / f"chain{i}_opt.onnx") == _between_kernels(tmp_path / "model_opt.onnx", i), \
+            f"edge {e.src}->{e.dst} at {a.label}->{b.label}"

@@ -22,7 +22,7 @@ from hwmpq.profilers.cli import register
 from hwmpq.profilers.jobs import plan_jobs
 from hwmpq.profilers.probes import REFERENCE, SPEED_PROBES
 from hwmpq.profilers.runner import FIRST_CHUNK, profile
-from hwmpq.records import MeasureConfig, Measurement, Precision, RunResult, chains, pair_signature
+from hwmpq.records import MeasureConfig, Measurement, Precision, RunResult, chains
 from hwmpq.targets import get_target
 from hwmpq.targets.fake import FakeTarget
 from hwmpq.zoo import create_model
@@ -68,7 +68,7 @@ def test_plan_jobs_unique_layers_and_transitions(resnet20_merged):
     by = {s.fqn: s for s in specs}
 
     def sig(e):  # the edge's own two layers where they chain, a stand-in chain on its shape otherwise
-        return pair_signature(by[e.src], by[e.dst], e.activation, e.merge) if chains(by[e.src], by[e.dst], e) else e.signature
+        return e.pair_signature(by[e.src], by[e.dst]) if chains(by[e.src], by[e.dst], e) else e.signature
 
     assert 0 < sum(chains(by[e.src], by[e.dst], e) for e in edges) < len(edges)  # both kinds occur
     want = {(sig(e), sp, dp) for e in edges for sp in ort.precisions.for_layer(by[e.src])

@@ -40,7 +40,7 @@ from hwmpq.records import BitPlan, LayerSpec, Precision, atomic_write_text, to_j
 
 from ..base import ExportResult
 from .layers import is_weight_only
-from .qdq import IR_VERSION, OPSET, GraphParts, matmul_nbits
+from .qdq import IR_VERSION, OPSET, GraphParts, integer_max_pool, matmul_nbits
 
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulNBits",
                "DynamicQuantizeMatMul")
@@ -260,21 +260,12 @@ def _integer_max_pool(node, codes_of: dict[str, str], consumers: dict[str, list]
 
 
 def _nhwc_max_pool(parts: GraphParts, node, codes: str) -> str:
-    """``node`` (a MaxPool) on ``codes`` as ORT's channels-last integer max pool between two Transposes.
-    ORT runs an integer max pool channels-last by itself only when its input already is; after a float
-    island (a float stem) it would run it channels-first, 20x slower, and leave the residual stream
-    channels-first with a Transpose around every later block. Written this way, the Transposes cancel
-    against the integer convs' and the stream stays channels-last."""
+    """``node`` (a MaxPool) on ``codes``, channels-last (qdq.py: :func:`integer_max_pool`)."""
     from onnx import helper
 
     tag = node.name.strip("/").replace("/", "_") or node.output[0]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    parts.nodes.append(helper.make_node("Transpose", [codes], [f"{tag}_nhwc"], name=f"{tag}_to_nhwc", perm=[0, 2, 3, 1]))
-    parts.nodes.append(helper.make_node("NhwcMaxPool", [f"{tag}_nhwc"], [f"{tag}_pooled_nhwc"], name=f"{tag}_nhwc",
-                                        domain="com.microsoft", **attrs))
-    parts.nodes.append(helper.make_node("Transpose", [f"{tag}_pooled_nhwc"], [f"{tag}_pooled"], name=f"{tag}_to_nchw",
-                                        perm=[0, 3, 1, 2]))
-    return f"{tag}_pooled"
+    return integer_max_pool(parts, codes, tag, attrs)
 
 
 def _emit_layer(parts: GraphParts, node, lq: LayerQuant) -> None:

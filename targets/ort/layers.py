@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from hwmpq.records import LayerSpec, Precision
+from hwmpq.records import LayerSpec, Precision, pooled_shape
 
-from .qdq import IR_VERSION, OPSET, GraphParts, act_container, matmul_nbits
+from .qdq import IR_VERSION, OPSET, GraphParts, act_container, integer_max_pool, matmul_nbits, pool_attributes
 
 # typical step sizes; the kernel's speed does not depend on their values
 _IN_SCALE, _OUT_SCALE = 0.02, 0.05
@@ -149,18 +149,22 @@ def residual_is_integer(src: Precision) -> bool:
 
 
 def emit_glue(parts: GraphParts, src_q: str, out: str, src: Precision, dst: Precision,
-              activation: str = "relu", residual: str | None = None) -> str:
+              activation: str = "relu", residual: str | None = None, pool: tuple[int, ...] = ()) -> str:
     """What the tensor-placement exporter (targets/ort/export.py) puts between two layers:
 
-    - an integer stream (:func:`integer_stream`) with an absorbed activation: nothing, the codes flow on;
-      with a residual add: ``DQ, DQ -> Add -> Q`` (QLinearAdd, ``residual`` holding integer codes);
+    - an integer stream (:func:`integer_stream`) with an absorbed activation: nothing, the codes flow on
+      (through the max pool ``pool`` on codes, :func:`integer_max_pool`); with a residual add:
+      ``DQ, DQ -> Add -> Q`` (QLinearAdd, ``residual`` holding integer codes);
     - otherwise: DQ of the producer's codes (if integer), the add of ``residual`` (float, or DQ of its
-      codes when :func:`residual_is_integer`) and then Q when the add is integer, the activation, and Q
-      to the consumer's codes (if integer)."""
+      codes when :func:`residual_is_integer`) and then Q when the add is integer, the activation unless
+      that quantizer absorbs it (the exporter drops it), the max pool, and Q to the consumer's codes (if
+      integer). A float producer's max pool before an integer consumer runs on the consumer's codes:
+      the exporter quantizes before data movements (hwmpq/placement.py)."""
     int_add = residual is not None and residual_is_integer(src)
+    absorbed = activation in ABSORBED and (int_add or (residual is None and src.a_bits < 32))
     if integer_stream(src, dst) and activation in ABSORBED:
         if residual is None:
-            return src_q
+            return integer_max_pool(parts, src_q, f"{out}_pool", pool_attributes(pool)) if pool else src_q
         a = parts.dequantize_act(src_q, f"{out}_dq", _OUT_SCALE, src.a_bits, True)
         r = parts.dequantize_act(residual, f"{out}_rdq", _IN_SCALE, src.a_bits, False)
         parts.nodes.append(helper.make_node("Add", [a, r], [f"{out}_sum"], name=f"{out}_Add"))
@@ -175,7 +179,15 @@ def emit_glue(parts: GraphParts, src_q: str, out: str, src: Precision, dst: Prec
         if int_add:  # the add's own output quantizer, then the float stretch from its codes
             cur = parts.quantize_act(cur, f"{out}_sq", _IN_SCALE, src.a_bits, False)
             cur = parts.dequantize_act(cur, f"{out}_sdq", _IN_SCALE, src.a_bits, False)
-    cur = emit_activation(parts, cur, out, activation)
+    if not absorbed:
+        cur = emit_activation(parts, cur, out, activation)
+    if pool and src.a_bits == 32 and dst.a_bits < 32 and residual is None:
+        codes = parts.quantize_act(cur, f"{out}_q", _IN_SCALE, dst.a_bits, False)
+        return integer_max_pool(parts, codes, f"{out}_pool", pool_attributes(pool))
+    if pool:
+        parts.nodes.append(helper.make_node("MaxPool", [cur], [f"{out}_pooled"], name=f"{out}_MaxPool",
+                                            **pool_attributes(pool)))
+        cur = f"{out}_pooled"
     if dst.a_bits < 32:
         cur = parts.quantize_act(cur, f"{out}_q", _IN_SCALE, dst.a_bits, False)
     return cur
@@ -215,29 +227,31 @@ def stand_in_spec(shape: tuple[int, ...]) -> LayerSpec:
 
 
 def chain_model(src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: Precision,
-                activation: str = "relu", merge: str = "none") -> onnx.ModelProto:
+                activation: str = "relu", merge: str = "none", pool: tuple[int, ...] = ()) -> onnx.ModelProto:
     """A chain ``src_spec(src) -> glue -> dst_spec(dst)``: two layers as the exporter joins them
     (:func:`emit_glue`: the edge's ``activation``, absorbed into an integer stream or fused by ORT into a
-    float producer, and for ``merge`` "add" a residual add of a second graph input "r", integer codes
-    where the add is integer), each with the seeded weights of its own layer row (``src_spec``'s output
-    must be ``dst_spec``'s input).
+    float producer, for ``merge`` "add" a residual add of a second graph input "r", integer codes
+    where the add is integer, and the edge's max pool ``pool``), each with the seeded weights of its own
+    layer row (``src_spec``'s output, pooled, must be ``dst_spec``'s input).
 
     Its time C includes what the boundary costs in context (Q/DQ, ORT's layout changes between NHWC
     integer kernels and NCHWc float kernels, lost fusions, the cache state the producer leaves);
     lut/model.py uses C - R(src) - R(dst) + overhead as the edge's transition cost, R being the two
     layer rows."""
-    if src_spec.output_shape != dst_spec.input_shape:
-        raise ValueError(f"cannot chain {src_spec.fqn} (output {list(src_spec.output_shape)}) into {dst_spec.fqn} "
+    if pooled_shape(src_spec.output_shape, pool) != dst_spec.input_shape:
+        raise ValueError(f"cannot chain {src_spec.fqn} (output {list(src_spec.output_shape)}"
+                         f"{', max pool ' + str(list(pool)) if pool else ''}) into {dst_spec.fqn} "
                          f"(input {list(dst_spec.input_shape)})")
-    if merge not in ("none", "add"):
-        raise ValueError(f"a pair chain cannot hold a {merge!r} merge (only a residual add)")
+    if merge not in ("none", "add") or (pool and merge != "none"):
+        raise ValueError(f"a pair chain cannot hold a {merge!r} merge{' after a max pool' if pool else ''} "
+                         "(only a residual add, without a pool)")
     parts = GraphParts()
     inputs = [_value_info("x", io_elem(src, False), src_spec.input_shape)]
     if merge == "add":
         r_elem = io_elem(src, False) if residual_is_integer(src) else TensorProto.FLOAT
         inputs.append(_value_info("r", r_elem, src_spec.output_shape))
     a = emit_random_layer(parts, src_spec, src, "x", "a", _rng(src_spec))
-    g = emit_glue(parts, a, "g", src, dst, activation, residual="r" if merge == "add" else None)
+    g = emit_glue(parts, a, "g", src, dst, activation, residual="r" if merge == "add" else None, pool=pool)
     emit_random_layer(parts, dst_spec, dst, g, "y", _rng(dst_spec))
     return make_model(parts, inputs, [_value_info("y", io_elem(dst, True), dst_spec.output_shape)],
                       f"chain_{src.label}_{dst.label}")

@@ -116,6 +116,26 @@ class GraphParts:
         return f"{name}_dq"
 
 
+def pool_attributes(pool: tuple[int, ...]) -> dict:
+    """MaxPool attributes of an ``Edge.pool`` (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w)."""
+    kh, kw, sh, sw, ph, pw = pool
+    return {"kernel_shape": [kh, kw], "strides": [sh, sw], "pads": [ph, pw, ph, pw]}
+
+
+def integer_max_pool(parts: GraphParts, codes: str, tag: str, attrs: dict) -> str:
+    """MaxPool ``attrs`` on integer ``codes`` as ORT's channels-last integer max pool between two
+    Transposes. ORT runs an integer max pool channels-last by itself only when its input already is;
+    after a float island (a float stem) it would run it channels-first, 20x slower, and leave the
+    residual stream channels-first with a Transpose around every later block. Written this way, the
+    Transposes cancel against the integer convs' and the stream stays channels-last."""
+    parts.nodes.append(helper.make_node("Transpose", [codes], [f"{tag}_nhwc"], name=f"{tag}_to_nhwc", perm=[0, 2, 3, 1]))
+    parts.nodes.append(helper.make_node("NhwcMaxPool", [f"{tag}_nhwc"], [f"{tag}_pooled_nhwc"], name=f"{tag}_nhwc",
+                                        domain="com.microsoft", **attrs))
+    parts.nodes.append(helper.make_node("Transpose", [f"{tag}_pooled_nhwc"], [f"{tag}_pooled"], name=f"{tag}_to_nchw",
+                                        perm=[0, 3, 1, 2]))
+    return f"{tag}_pooled"
+
+
 def matmul_nbits(parts: GraphParts, src: str, out: str, w_float: np.ndarray, scales: np.ndarray,
                  bias: np.ndarray | None, prefix: str | None = None) -> str:
     """int4 weight-only Linear as com.microsoft MatMulNBits (float activations): per-output-channel

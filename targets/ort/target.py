@@ -104,14 +104,15 @@ class OrtTarget:
         return self._save(model, f"{spec.kind}_{spec.signature}_{precision.label}")
 
     def build_pair(self, src_spec: LayerSpec, src: Precision, dst_spec: LayerSpec, dst: Precision,
-                   activation: str = "relu", merge: str = "none") -> BuildResult:
+                   activation: str = "relu", merge: str = "none", pool: tuple[int, ...] = ()) -> BuildResult:
         """The edge's own two layers chained, ``src_spec`` at ``src`` into ``dst_spec`` at ``dst``, joined by
-        ``activation`` (records.ACTIVATIONS), after a residual add if ``merge`` is "add"."""
+        ``activation`` (records.ACTIVATIONS), after a residual add if ``merge`` is "add", through the max
+        pool ``pool`` (``Edge.pool``) if any."""
         for spec, p in ((src_spec, src), (dst_spec, dst)):
             if p not in self.precisions.for_layer(spec):
                 return BuildResult(None, f"ort-x86 cannot run {p.label} for a {spec.kind} layer ({spec.fqn})")
         try:
-            model = layers.chain_model(src_spec, src, dst_spec, dst, activation, merge)
+            model = layers.chain_model(src_spec, src, dst_spec, dst, activation, merge, pool)
         except ValueError as e:
             return BuildResult(None, str(e))
         return self._save(model, f"pair_{src.label}_{dst.label}")
