@@ -36,7 +36,7 @@ def _requantize_np(acc: np.ndarray, p) -> np.ndarray:
 
     f = torch.from_numpy(acc.astype(np.int32)).float() * torch.from_numpy(p.multiplier)
     lo, hi = p.out_range
-    return torch.clamp(torch.round(f), lo, hi).to(torch.int8).numpy()
+    return torch.clamp(torch.round(f), lo, hi).numpy().astype(p.out_dtype)
 
 
 def test_pack_weights_layout_and_zero_padding():
@@ -132,7 +132,7 @@ def test_vnni_kernel_is_exact_on_this_cpu_at_every_tile(spec):
         tiles = dotconv.candidate_tiles(wl, VNNI)
         for t in tiles[:2] + tiles[-1:]:
             lib = tvm.compile(tvm.IRModule({"main": dotconv.kernel_primfunc(wl, VNNI, t)}), target)
-            out = tvm.runtime.tensor(np.zeros(ref.shape, np.int8))
+            out = tvm.runtime.tensor(np.zeros(ref.shape, ref.dtype))
             lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], out)
             np.testing.assert_array_equal(out.numpy(), ref, err_msg=f"{spec.fqn} {t} signed={signed}")
         assert len(np.unique(ref)) > 2

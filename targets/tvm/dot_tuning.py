@@ -109,7 +109,7 @@ def time_kernel(wl: DotWorkload, intrin: DotIntrin, tiles: Tiles, target, min_re
     args = [rng.integers(lo, lo + 256, x_shape).astype(wl.in_dtype),
             rng.integers(-127, 128, (up(wl.o, lanes) // lanes, *wl.kernel, up(wl.c, 4) // 4, lanes, 4)).astype(np.int8),
             rng.integers(-1000, 1000, wl.o).astype(np.int32), np.full(wl.o, 1e-3, np.float32),
-            np.zeros((wl.n, wl.o) if wl.linear else (wl.n, oh, ow, wl.o), np.int8)]
+            np.zeros((wl.n, wl.o) if wl.linear else (wl.n, oh, ow, wl.o), wl.out_dtype)]
     dev = tvm.cpu()
     tvm.get_global_func("runtime.config_threadpool")(1, 1)
     tensors = [tvm.runtime.tensor(a, device=dev) for a in args]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .dot_intrin import DotIntrin, K, register
+from .int_params import code_dtype
 
 if TYPE_CHECKING:
     from hwmpq.records import LayerSpec
@@ -61,6 +62,10 @@ class DotWorkload:
     in_dtype: str  # "uint8" or "int8"
     out_range: tuple[int, int]
     linear: bool = False  # codes in [n, c] and out [n, o] (no reshapes around the kernel)
+
+    @property
+    def out_dtype(self) -> str:
+        return code_dtype(self.out_range)
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -127,7 +132,8 @@ def input_shift(intrin: DotIntrin, in_dtype: str) -> int:
 
 
 def kernel_primfunc(wl: DotWorkload, intrin: DotIntrin, tiles: Tiles | None = None, tensorize: bool = True):
-    """``(x[n,h,w,c] in_dtype, packed weights, bias[o] int32, mult[o] float32) -> int8 [n,OH,OW,o]``,
+    """``(x[n,h,w,c] in_dtype, packed weights, bias[o] int32, mult[o] float32) -> codes [n,OH,OW,o]``
+    (int8, or uint8 for a non-negative ``out_range``),
     scheduled with ``tiles`` (default: :func:`default_tiles`). ``tensorize=False`` keeps the same
     computation and loops without the instruction (runs on any CPU: layout and padding testable)."""
     import tvm
@@ -157,7 +163,7 @@ def kernel_primfunc(wl: DotWorkload, intrin: DotIntrin, tiles: Tiles | None = No
         * wp[ob, rh, rw, cb, oi, ci].astype("int32"), axis=[rh, rw, cb, ci]), name="acc")
     lo, hi = wl.out_range
     def requantize(b, i, j, o):
-        return tirx.Cast("int8", tirx.max(tirx.min(tirx.round(
+        return tirx.Cast(wl.out_dtype, tirx.max(tirx.min(tirx.round(
             (acc[b, i, j, o // lanes, o % lanes] + bias[o]).astype("float32") * mult[o]), float(hi)), float(lo)))
 
     if wl.linear:
@@ -208,13 +214,15 @@ def workload_of(spec: LayerSpec, p: IntLayerParams, intrin: DotIntrin, shape: li
 
 def emit_int8(bb, xq, spec: LayerSpec, p: IntLayerParams, intrin: DotIntrin, tensorize: bool = True,
               tiles: Tiles | None = None):
-    """The layer's int8 output codes (NHWC, linear: N,O) through the dot-product kernel. ``xq``: its input
+    """The layer's output codes (NHWC, linear: N,O; ``p.out_dtype``) through the dot-product kernel. ``xq``: its input
     codes, NHWC (linear: N,C), uint8 or int8. ``tiles``: default :func:`default_tiles` (a compile with a
     tuning database reschedules it, dot_tuning.py)."""
     from tvm import relax
 
     if not supports(spec):
         raise ValueError(f"layer {spec.fqn!r}: the dot-product kernel needs a conv with groups 1 or a linear layer")
+    if p.out_offset is not None:
+        raise ValueError(f"layer {spec.fqn!r}: the dot-product kernel adds an int32 bias, not a float one")
     shape = [int(d) for d in xq.ty.shape.values]  # from the tensor: export's specs carry no batch or in_hw
     wl = workload_of(spec, p, intrin, shape)
     bias = shifted_bias(p.w_q, p.bias_i32, input_shift(intrin, p.in_dtype))
@@ -224,7 +232,7 @@ def emit_int8(bb, xq, spec: LayerSpec, p: IntLayerParams, intrin: DotIntrin, ten
     out_shape = (wl.n, wl.o) if wl.linear else (wl.n, *wl.out_hw, wl.o)
     return bb.emit(relax.call_tir(gv, [xq, relax.const(pack_weights(p.w_q, intrin.lanes)), relax.const(bias),
                                        relax.const(p.multiplier.astype(np.float32))],
-                                  relax.TensorType(out_shape, "int8")))
+                                  relax.TensorType(out_shape, wl.out_dtype)))
 
 
 def reference_acc(x_q: np.ndarray, spec: LayerSpec, p: IntLayerParams, intrin: DotIntrin) -> np.ndarray:

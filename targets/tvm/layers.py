@@ -3,7 +3,8 @@
 Integer numerics (the contract with hwmpq's torch ``QuantLayer``): input codes ``x_q`` (uint8 after a
 ReLU, else int8), per-output-channel symmetric weight codes ``w_q``, ``acc = conv(x_q, w_q)`` in int32,
 ``acc += round_half_even(bias / (s_in * s_w))`` (int32), then requantize in float32:
-``out_q = clip(round_half_even(float32(acc) * float32(s_in * s_w / s_out)), qmin, qmax)`` as int8.
+``out_q = clip(round_half_even(float32(acc) * float32(s_in * s_w / s_out)), qmin, qmax)`` as int8, or as
+uint8 in ``0..2^a_bits-1`` when the output quantizer is unsigned (a ReLU after the layer, absorbed).
 TVM's ``round`` is round-half-to-even (checked in tests). Integer layers are NHWC (OHWI weights). Where
 the target has a 4-element dot-product instruction (``intrin``: ARM sdot on arm-a76-dotprod, AVX-512 VNNI
 on a host that has it; dot_intrin.py), dense convs and linear layers are one tiled kernel tensorized to
@@ -20,6 +21,7 @@ import numpy as np
 from hwmpq.records import LayerSpec, Precision
 
 from . import dotconv
+from .codes import Grid
 from .dot_intrin import DotIntrin
 from .int_params import IntLayerParams, int_params
 from .presets import BITSERIAL_PRECISIONS
@@ -57,8 +59,10 @@ def _requantize(bb, acc, p: IntLayerParams):
     relax = _rx()
     acc = bb.emit(relax.op.add(acc, relax.const(p.bias_i32)))
     f = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(p.multiplier)))
+    if p.out_offset is not None:
+        f = bb.emit(relax.op.add(f, relax.const(p.out_offset)))
     lo, hi = p.out_range
-    return bb.emit(relax.op.astype(relax.op.clip(relax.op.round(f), lo, hi), "int8"))
+    return bb.emit(relax.op.astype(relax.op.clip(relax.op.round(f), lo, hi), p.out_dtype))
 
 
 def uses_dot_kernel(spec: LayerSpec, intrin: DotIntrin | None) -> bool:
@@ -67,7 +71,8 @@ def uses_dot_kernel(spec: LayerSpec, intrin: DotIntrin | None) -> bool:
 
 
 def emit_int8_layer(bb, xq, spec: LayerSpec, p: IntLayerParams, intrin: DotIntrin | None = None):
-    """int8/uint8 x int8 -> int32 (+bias) -> requantized int8 codes. ``xq``: NHWC (linear: N,C) codes.
+    """int8/uint8 x int8 -> int32 (+bias) -> requantized codes (``p.out_dtype``). ``xq``: NHWC (linear: N,C)
+    codes.
     ``intrin``: the target's dot-product instruction; dense conv and linear then run dotconv's kernel."""
     relax = _rx()
     if uses_dot_kernel(spec, intrin):
@@ -127,7 +132,8 @@ def is_bitserial(precision: Precision) -> bool:
 
 
 def random_int_params(spec: LayerSpec, precision: Precision, seed: int = 0) -> IntLayerParams:
-    """Shape-true random codes and scales for profiling (the kernel's speed does not depend on values)."""
+    """Shape-true random codes and scales for profiling (the kernel's speed does not depend on values):
+    unsigned codes in and out, as the exporter's integer layers between ReLUs (absorbed) take and give."""
     rng = np.random.default_rng(seed)
     cin = spec.in_channels // spec.groups
     shape = (spec.out_channels, cin) if spec.kind == "linear" else (spec.out_channels, cin, *spec.kernel)
@@ -136,7 +142,8 @@ def random_int_params(spec: LayerSpec, precision: Precision, seed: int = 0) -> I
     fan_in = int(np.prod(shape[1:]))
     s_w = np.full(spec.out_channels, 1.0 / (wmax * np.sqrt(fan_in)), np.float32)
     bias = rng.normal(0, 0.1, spec.out_channels).astype(np.float32) if spec.bias else None
-    return int_params(w_q, bias, 0.05, s_w, 0.05, in_signed=False, precision=precision)
+    return int_params(w_q, bias, PROFILE_SCALE, s_w, PROFILE_SCALE, in_signed=False, precision=precision,
+                      out_signed=False)
 
 
 def int_input(spec: LayerSpec, p: IntLayerParams, seed: int = 1) -> np.ndarray:
@@ -145,24 +152,6 @@ def int_input(spec: LayerSpec, p: IntLayerParams, seed: int = 1) -> np.ndarray:
     lo, hi = (-(2 ** (p.a_bits - 1)), 2 ** (p.a_bits - 1) - 1) if p.in_signed else (0, 2**p.a_bits - 1)
     shape = (spec.batch, spec.in_channels) if spec.kind == "linear" else (spec.batch, *spec.in_hw, spec.in_channels)
     return rng.integers(lo, hi + 1, shape).astype(p.in_dtype)
-
-
-def emit_quantize(bb, x, s_in: float, code_range: tuple[int, int], dtype: str, nhwc: bool):
-    """Float activations -> integer codes ``clip(round_half_even(x / s_in))`` as ``dtype``; NCHW -> NHWC
-    for convs. What the exporter emits before every integer layer."""
-    relax = _rx()
-    lo, hi = code_range
-    codes = relax.op.clip(relax.op.round(relax.op.divide(x, relax.const(np.float32(s_in)))), lo, hi)
-    xq = bb.emit(relax.op.astype(codes, dtype))
-    return bb.emit(relax.op.permute_dims(xq, [0, 2, 3, 1])) if nhwc else xq
-
-
-def emit_dequantize(bb, yq, s_out: float, nhwc: bool):
-    """Integer codes -> float32 ``codes * s_out``; NHWC -> NCHW for convs. Emitted after every integer layer."""
-    relax = _rx()
-    if nhwc:
-        yq = bb.emit(relax.op.permute_dims(yq, [0, 3, 1, 2]))
-    return bb.emit(relax.op.multiply(relax.op.astype(yq, "float32"), relax.const(np.float32(s_out))))
 
 
 PROFILE_SCALE = 0.05  # s_in and s_out of the random integer layers profiled here
@@ -184,16 +173,37 @@ def stand_in_spec(shape: tuple[int, ...]) -> LayerSpec:
                      macs=n * c * c * h * w, params=c * c)
 
 
+def profile_grid(precision: Precision, scale: float = PROFILE_SCALE) -> Grid:
+    """The unsigned (post-ReLU) grid of the profiled integer layers' codes at ``precision``."""
+    return Grid(f"profile-a{precision.a_bits}", scale, 0, 2**precision.a_bits - 1)
+
+
+def consumer_grid(src: Precision, dst: Precision) -> Grid:
+    """The grid a chain's consumer reads: the producer's when the widths agree (one quantizer on the
+    tensor), else a ``dst``-wide one spanning the producer's range (a second quantizer)."""
+    if src.is_float or src.a_bits == dst.a_bits:
+        return profile_grid(dst)
+    return profile_grid(dst, PROFILE_SCALE * (2**src.a_bits - 1) / (2**dst.a_bits - 1))
+
+
 def emit_glue(bb, y, nhwc: bool, src: Precision, dst: Precision):
-    """What the exporter puts between two layers: dequantize the producer's codes (if integer), ReLU in
-    float32, quantize to the consumer's unsigned codes (if integer)."""
+    """What the exporter writes between a layer at ``src`` and its consumer at ``dst`` with a ReLU
+    between them: two integer layers of one width share the codes (the ReLU is the producer's unsigned
+    range): nothing; of two widths: a requantize; into a float layer: dequantize (and NHWC->NCHW, the
+    float layers being NCHW); out of one: ReLU, NCHW->NHWC and quantize; float to float: the ReLU."""
+    from . import codes as C
+
     relax = _rx()
+    if not src.is_float and not dst.is_float:
+        return C.requantize(bb, y, profile_grid(src), consumer_grid(src, dst))
     if not src.is_float:
-        y = emit_dequantize(bb, y, PROFILE_SCALE, nhwc)
+        y = C.dequantize(bb, y, profile_grid(src))
+        return C.transpose(bb, y, C.TO_NCHW) if nhwc else y
     y = bb.emit(relax.op.nn.relu(y))
-    if not dst.is_float:
-        y = emit_quantize(bb, y, PROFILE_SCALE, (0, 2**dst.a_bits - 1), "uint8", nhwc)
-    return y
+    if dst.is_float:
+        return y
+    y = C.transpose(bb, y, C.TO_NHWC) if nhwc else y
+    return C.quantize(bb, y, profile_grid(dst))
 
 
 def transition_module(shape: tuple[int, ...], src: Precision, dst: Precision, seed: int = 0,
@@ -215,12 +225,19 @@ def reference_transition(x: np.ndarray, shape: tuple[int, ...], src: Precision, 
     spec = stand_in_spec(shape)
     nhwc = spec.kind != "linear"
     y = _reference_layer(x, spec, src, seed)
-    if not src.is_float:
-        y = (y.transpose(0, 3, 1, 2) if nhwc else y).astype(np.float32) * np.float32(PROFILE_SCALE)
-    y = np.maximum(y, np.float32(0))
-    if not dst.is_float:
-        codes = np.clip(np.round(y / np.float32(PROFILE_SCALE)), 0, 2**dst.a_bits - 1).astype(np.uint8)
-        y = codes.transpose(0, 2, 3, 1) if nhwc else codes
+    if not src.is_float and not dst.is_float:
+        a, b = profile_grid(src), consumer_grid(src, dst)
+        vals = y.astype(np.float32) * np.float32(a.scale)
+        y = np.clip(np.round(vals / np.float32(b.scale)), b.lo, b.hi).astype(b.dtype)
+    elif not src.is_float:
+        y = y.astype(np.float32) * np.float32(PROFILE_SCALE)
+        y = y.transpose(0, 3, 1, 2) if nhwc else y
+    else:
+        y = np.maximum(y, np.float32(0))
+        if not dst.is_float:
+            g = profile_grid(dst)
+            codes = np.clip(np.round(y / np.float32(g.scale)), g.lo, g.hi).astype(g.dtype)
+            y = codes.transpose(0, 2, 3, 1) if nhwc else codes
     return _reference_layer(np.ascontiguousarray(y), spec, dst, seed)
 
 
@@ -242,7 +259,8 @@ def _reference_layer(x: np.ndarray, spec: LayerSpec, precision: Precision, seed:
 
 def _layer_emitter(spec: LayerSpec, precision: Precision, seed: int = 0, intrin: DotIntrin | None = None):
     """(emit(bb, x) -> output, example input, params) for one layer with random shape-true parameters:
-    float NCHW (linear: N,C) in and out; integer NHWC codes in (uint8) and out (int8). ``params`` is
+    float NCHW (linear: N,C) in and out; integer NHWC codes in and out, unsigned (the exporter's integer
+    stream between ReLUs: codes flow from layer to layer, :func:`emit_glue`). ``params`` is
     (weight, bias) for float, :class:`IntLayerParams` for integer layers."""
     if precision.is_float:
         rng = np.random.default_rng(seed)
@@ -298,5 +316,7 @@ def reference_int_layer(x_q: np.ndarray, spec: LayerSpec, p: IntLayerParams) -> 
         acc = acc.permute(0, 2, 3, 1).long()
     acc = (acc + torch.from_numpy(p.bias_i32.astype(np.int64))).int()
     f = acc.float() * torch.from_numpy(p.multiplier)
+    if p.out_offset is not None:
+        f = f + torch.from_numpy(p.out_offset)
     lo, hi = p.out_range
-    return torch.clamp(torch.round(f), lo, hi).to(torch.int8).numpy()
+    return torch.clamp(torch.round(f), lo, hi).numpy().astype(p.out_dtype)

@@ -24,7 +24,7 @@ class TvmTarget:
     """A TVM backend for one preset. ``work_dir`` holds built layers and the tuning database (give the
     folder of the LUT so tuning is kept beside it). ``emulated``: None = detect (qemu-user), or force."""
 
-    placement = "layer"  # its integer layers requantize per layer (targets/tvm/export.py)
+    placement = "tensor"  # one quantizer per tensor: integer layers pass codes to each other (stream.py)
     # transitions are timed with stand-in layers (no pairs); no energy model; no per-kernel trace
     capabilities = Capabilities(transitions=True, overhead=True, export=True, measure_artifact=True)
 
