@@ -5,8 +5,9 @@
    ORT's layer rows (the session a LUT times) and ORT's kernel alone (its profiler: QLinearConv / Conv),
    with the tuning seconds; optionally bitserial (``--bitserial``, the cheapest width, on the
    smallest shapes);
-2. whole model: resnet20 exported for ``tvm:host`` (the same tuning database) and for ``ort-x86`` by
-   the same plans (uniform w8a8, fp32), timed interleaved.
+2. whole model: resnet20 (``--model-plans``: also resnet18 @224) quantized once per plan in tensor
+   placement and exported for ``tvm:host`` (the same tuning database) and for ``ort-x86`` (uniform w8a8,
+   fp32, and w8a8 with fp32 islands), timed interleaved.
 
     python bench/tvm/bench_tvm.py --trials 8 --work-dir runs/tvm-bench --out bench/tvm/results
     python bench/tvm/bench_tvm.py --quick --out runs/bench/tvm    # 3 shapes, 4 trials, w8a8 model only
@@ -173,61 +174,89 @@ def _layer_line(r: dict) -> str:
                else ""))
 
 
-def _model(seed: int = 0):
+MODELS = {"resnet20": (1, 3, 32, 32), "resnet18": (1, 3, 224, 224)}
+MIXED_FP32 = {"resnet20": ("stem.0", "layers.1.0.conv1", "fc"), "resnet18": ("stem.0", "fc")}
+
+
+def _model(name: str = "resnet20", seed: int = 0):
     torch.manual_seed(seed)
-    model = create_model("resnet20").eval()
+    model = create_model(name).eval()
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
             torch.nn.init.normal_(m.bias, 0.0, 0.1)
-    return model, torch.randn(1, 3, 32, 32)
+    return model, torch.randn(*MODELS[name])
+
+
+def model_plan(name: str, plan_name: str, specs: list[LayerSpec]) -> BitPlan:
+    """``w8a8`` / ``fp32``: uniform; ``mixed``: w8a8 with the float islands of ``MIXED_FP32`` (stem, fc and,
+    on resnet20, one conv in the middle of the stream)."""
+    if plan_name == "mixed":
+        return BitPlan.from_dict({s.fqn: FP32 if s.fqn in MIXED_FP32[name] else W8A8 for s in specs})
+    return BitPlan.from_dict({s.fqn: {"w8a8": W8A8, "fp32": FP32}[plan_name] for s in specs})
 
 
 def bench_model(args, lock: TimingLock) -> list[dict]:
-    """resnet20 by uniform plans, exported for tvm:host (tuned database) and ort-x86, timed interleaved."""
+    """Whole models by ``--model-plans`` (``model:plan``), one tensor-placed quantized model per plan
+    exported for tvm:host (tuned database) and for ort-x86, timed interleaved."""
     from hwmpq.targets.ort.target import OrtTarget
     from hwmpq.targets.tvm.target import TvmTarget
 
-    model, x = _model()
-    specs, _ = analyse(model, x)
-    calib = [x + 0.5 * torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(1))]
     tvm = TvmTarget("host", work_dir=args.work_dir, tune_trials=args.trials)
     ort = OrtTarget(threads=1)
     out = Path(args.work_dir) / "exports"
     config = MeasureConfig(warmup=20, repeat=max(10, args.repeat // 5), number=5, threads=1)
     rows = []
-    for plan_name, prec in (("w8a8", W8A8), ("fp32", FP32))[:1 if args.quick else 2]:
+    jobs = [j.split(":") for j in args.model_plans.split(",")]
+    for name, plan_name in jobs[:1] if args.quick else jobs:
+        model, x = _model(name)
+        specs, _ = analyse(model, x)
+        calib = [x + 0.5 * torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(1))]
         with lock.step():
-            rows.append(bench_plan(model, x, specs, calib, plan_name, prec, tvm, ort, out, config))
+            rows.append(bench_plan(model, x, name, calib, plan_name, model_plan(name, plan_name, specs), tvm, ort,
+                                   out, config))
     return rows
 
 
-def bench_plan(model, x, specs, calib, plan_name: str, prec: Precision, tvm, ort, out: Path,
+ROUNDS_MODEL = 5  # interleaved rounds per whole model
+
+
+def bench_plan(model, x, name: str, calib, plan_name: str, plan: BitPlan, tvm, ort, out: Path,
                config: MeasureConfig) -> dict:
-    plan = BitPlan.from_dict({s.fqn: prec for s in specs})
-    paths, builds = {}, {}
-    for tgt, placement in ((tvm, "layer"), (ort, "tensor")):
-        q = quantize(copy.deepcopy(model), plan, placement=placement)
-        calibrate(q, calib)
+    q = quantize(copy.deepcopy(model), plan, placement="tensor")  # both exporters take tensor placement
+    calibrate(q, calib)
+    paths, builds, manifests = {}, {}, {}
+    for tgt in (tvm, ort):
         t0 = time.time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = tgt.export(q.eval(), plan, x, str(out / f"{tgt.id.replace(':', '-')}-{plan_name}"))
+            res = tgt.export(q.eval(), plan, x, str(out / f"{tgt.id.replace(':', '-')}-{name}-{plan_name}"))
         builds[tgt.id] = round(time.time() - t0, 1)
         paths[tgt.id] = res
+        manifests[tgt.id] = json.loads(Path(res.manifest).read_text())
     samples = {k: [] for k in paths}
-    for _ in range(5):  # interleaved rounds
+    rounds = {k: [] for k in paths}
+    for _ in range(ROUNDS_MODEL):
         for tid, res in paths.items():
             tgt = tvm if tid == tvm.id else ort
             run = tgt.measure_artifact(res, config)
             if run.error_msg:
-                raise RuntimeError(f"{tid} {plan_name}: {run.error_msg}")
+                raise RuntimeError(f"{tid} {name} {plan_name}: {run.error_msg}")
             samples[tid].extend(run.latencies_ms)
+            rounds[tid].append(median(run.latencies_ms))
     t_ms, o_ms = median(samples[tvm.id]), median(samples[ort.id])
-    row = {"model": "resnet20 @32", "plan": plan_name, "tvm_ms": t_ms, "ort_ms": o_ms,
-           "ratio": round(t_ms / o_ms, 3), "tvm_export_s": builds[tvm.id], "ort_export_s": builds[ort.id]}
-    print(f"{row['model']} {plan_name}: tvm:host {t_ms:.3f} ms, ort-x86 {o_ms:.3f} ms, ratio {row['ratio']:.2f} "
-          f"(export {row['tvm_export_s']} s / {row['ort_export_s']} s)", flush=True)
+    tm = manifests[tvm.id]
+    row = {"model": f"{name} @{x.shape[-1]}", "plan": plan_name, "tvm_ms": t_ms, "ort_ms": o_ms,
+           "ratio": round(t_ms / o_ms, 3),
+           "tvm_round_medians": "/".join(f"{v:.3f}" for v in rounds[tvm.id]),
+           "ort_round_medians": "/".join(f"{v:.3f}" for v in rounds[ort.id]),
+           "tvm_export_s": builds[tvm.id], "ort_export_s": builds[ort.id],
+           "tvm_verified": tm["verified"], "tvm_max_lsb": tm["verification"].get("max_lsb"),
+           "tvm_glue": json.dumps(tm.get("glue", {}), sort_keys=True)}
+    print(f"{row['model']} {plan_name}: tvm:host {t_ms:.3f} ms (rounds {row['tvm_round_medians']}), ort-x86 "
+          f"{o_ms:.3f} ms (rounds {row['ort_round_medians']}), ratio {row['ratio']:.2f} (export "
+          f"{row['tvm_export_s']} s / {row['ort_export_s']} s; tvm verified {row['tvm_verified']}, glue "
+          f"{row['tvm_glue']})", flush=True)
     return row
 
 
@@ -247,6 +276,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="only the first N distinct shapes (0: all)")
     ap.add_argument("--bitserial", type=int, default=0, help="also time w2a2 on the first N shapes")
     ap.add_argument("--quick", action="store_true", help="a pipeline check: 3 shapes, 4 trials, 10 runs, w8a8 model")
+    ap.add_argument("--model-plans", default="resnet20:w8a8,resnet20:fp32,resnet20:mixed",
+                    help="whole-model part: MODEL:PLAN,... (models resnet20, resnet18; plans w8a8, fp32, mixed)")
     args = ap.parse_args()
     if args.quick:
         args.layers, args.trials, args.repeat = args.layers or 3, min(args.trials, 4), min(args.repeat, 10)

@@ -187,7 +187,8 @@ def agreement(ref: np.ndarray, got: np.ndarray, lsb: float | None) -> dict[str, 
            "argmax_equal": float(np.mean(ref.argmax(-1) == got.argmax(-1))) if ref.ndim == 2 else None}
     if lsb:
         res["max_lsb"] = float(diff.max() / lsb)
-        res["ok"] = bool(res["max_lsb"] <= 2.0 + 1e-6)
+        # float32 values of whole codes: 2 steps apart reads as 2.000003 steps
+        res["ok"] = bool(res["max_lsb"] <= 2.0 + 1e-3)
     else:
         res["ok"] = bool(diff.max() <= 1e-4 * (1 + np.abs(ref).max()))
     return res
