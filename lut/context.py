@@ -2,12 +2,12 @@
 than alone, from the kernel rows ``hwmpq.profilers.context`` measures (the why and how of that
 measurement are in its module doc).
 
-How it is used: :func:`kernel_deltas` gives, per (layer, p), the median kernel time in the uniform plan
-at p minus alone; ``build_table`` adds it to the layer's row at p (``context=True``, the default, where
-the LUT holds both rows; a LUT without kernel rows gives the plain table). The uniform plans are never among ``lut
-validate``'s random plans, which draw every layer's precision at random. A layer in a mixed plan gets
-the delta of the uniform plan of its own precision: an approximation, as the caches a mixed plan leaves
-lie between the uniform plans'.
+How it is used: :func:`kernel_deltas` gives, per (layer, p), the median kernel time in a plan that
+runs it at p minus alone, averaged over the uniform plan at p and the mixed context plans that run it at
+p; ``build_table`` adds it to the layer's row at p (``context=True``, the default, where the LUT holds
+both rows; a LUT without kernel rows gives the plain table). The average is one number per (layer, p),
+so the table stays a sum the searches can optimise; the context of one particular plan lies around it.
+The context plans are drawn from their own seeds, never ``lut validate``'s.
 """
 
 from __future__ import annotations
@@ -16,22 +16,33 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hwmpq.profilers.context import KIND, WHERE, kernel_signature, model_signature
+from hwmpq.profilers.context import (
+    KIND,
+    MIXED_PLANS,
+    WHERE,
+    kernel_signature,
+    mixed_plan_names,
+    model_signature,
+)
 from hwmpq.records import Edge, LayerSpec, MeasureConfig, Precision
 
 
 def kernel_deltas(store, specs: Sequence[LayerSpec], edges: Sequence[Edge],
                   config: MeasureConfig) -> dict[tuple[str, Precision], float]:
-    """{(layer fqn, precision): median kernel ms in the uniform plan minus alone} for the pairs whose
-    two rows the store holds (a layer has rows only at the precisions it runs: in the uniform plan of a
-    precision it does not allow, it runs fp32 and is not timed)."""
+    """{(layer fqn, precision): median kernel ms in the model minus alone, averaged over the context plans
+    (the uniform plan at p, the mixed ones) that ran it at p} for the pairs with both rows of some plan in
+    the store (in the uniform plan of a precision it does not allow, a layer runs fp32 and is not timed)."""
     model = model_signature(specs, edges)
     out = {}
     for p in sorted({m.precision for m in store.measurements(KIND)}):
         for s in specs:
-            rows = [store.get(KIND, kernel_signature(model, s.fqn, w), p, config) for w in WHERE]
-            if all(r is not None and r.ok for r in rows):
-                out[(s.fqn, p)] = rows[0].latency_ms - rows[1].latency_ms
+            deltas = []
+            for plan in [""] + mixed_plan_names(MIXED_PLANS):
+                rows = [store.get(KIND, kernel_signature(model, s.fqn, w, plan), p, config) for w in WHERE]
+                if all(r is not None and r.ok for r in rows):
+                    deltas.append(rows[0].latency_ms - rows[1].latency_ms)
+            if deltas:
+                out[(s.fqn, p)] = float(np.mean(deltas))
     return out
 
 

@@ -10,6 +10,8 @@ from hwmpq.lut.model import build_table
 from hwmpq.lut.validate import format_report, validate
 from hwmpq.profilers.context import (
     KIND,
+    MIXED_PLANS,
+    context_plans,
     kernel_signature,
     match_kernels,
     model_signature,
@@ -116,8 +118,13 @@ def test_kernels_are_timed_once_and_added_to_the_table(tiny_ort):
     np.testing.assert_array_equal(build_table(t.store, t.specs, t.edges, cfg, t.target).layer_ms, plain.layer_ms)
     n = profile_context(t.model, t.x, t.specs, t.edges, t.target, t.store, cfg, rounds=2, runs=5)
     allowed = {(s.fqn, p) for s in t.specs for p in t.target.precisions.for_layer(s)}
-    assert n == 2 * len(allowed) < 2 * len(t.specs) * len(plain.candidates)  # w4a32: the linear layer only
+    # the uniform plans time each layer at the precisions it allows (w4a32: the linear layer only), the
+    # mixed ones every layer at its drawn precision
+    assert n == 2 * len(allowed) + 2 * len(t.specs) * MIXED_PLANS
     assert all(m.ok and m.n == 10 for m in t.store.measurements(KIND))  # 2 rounds x 5 runs
+    mixed = [(name, dict(plan.layers)) for name, p, plan in context_plans(t.specs, t.target) if p is None]
+    assert len(mixed) == MIXED_PLANS and len({tuple(m.items()) for _, m in mixed}) == MIXED_PLANS
+    assert mixed == [(name, dict(plan.layers)) for name, p, plan in context_plans(t.specs, t.target) if p is None]
     assert profile_context(t.model, t.x, t.specs, t.edges, t.target, t.store, cfg) == 0  # resumed: nothing to do
     deltas = kernel_deltas(t.store, t.specs, t.edges, cfg)
     assert set(deltas) == allowed
