@@ -1,10 +1,11 @@
 """Tuned ``tvm:host`` beside ONNX Runtime on this CPU, in one run (one thread, one process):
 
 1. per layer: every distinct conv/linear shape of resnet18 @224, TVM int8 (the VNNI dot-product kernel,
-   register tiles tuned, dot_tuning.py) and fp32 (MetaSchedule, ``--trials`` per layer module) beside
-   ORT's layer rows (the session a LUT times) and ORT's kernel alone (its profiler: QLinearConv / Conv),
-   with the tuning seconds; optionally bitserial (``--bitserial``, the cheapest width, on the
-   smallest shapes);
+   register tiles tuned, dot_tuning.py) and fp32 (the NCHW16c tiled kernel, fpconv.py, its tiles tuned
+   by fp_tuning.py with up to ``--trials`` candidates) beside ORT's layer rows (the session a LUT times)
+   and ORT's kernel alone (its profiler: QLinearConv / Conv), with the tuning seconds; the rows of one
+   layer are built first and then timed in ``ROUNDS`` interleaved rounds (TVM, ORT, TVM, ...); optionally
+   bitserial (``--bitserial``, the cheapest width, on the smallest shapes);
 2. whole model: resnet20 (``--model-plans``: also resnet18 @224) quantized once per plan in tensor
    placement and exported for ``tvm:host`` (the same tuning database) and for ``ort-x86`` (uniform w8a8,
    fp32, and w8a8 with fp32 islands), timed interleaved.
@@ -12,8 +13,9 @@
     python bench/tvm/bench_tvm.py --trials 8 --work-dir runs/tvm-bench --out bench/tvm/results
     python bench/tvm/bench_tvm.py --quick --out runs/bench/tvm    # 3 shapes, 4 trials, w8a8 model only
 
-The tuning database lives in ``--work-dir`` (reused by the next run and by the export). Holds
-/tmp/hwmpq_TIMING while it runs (waits for it first) and releases it between phases. Prints a table and
+The tuning database lives in ``--work-dir`` (reused by the next run and by the export: give a fresh
+folder to time the tuning). Holds /tmp/hwmpq_TIMING while it runs (waits for it first) and releases it
+between phases; run under ``/tmp/hw/timed`` (which holds that lock for it) it takes nothing. Prints a table and
 writes ``layers.csv``, ``model.csv`` and ``results.json`` to ``--out``."""
 
 from __future__ import annotations
@@ -54,8 +56,19 @@ class TimingLock:
         self.name, self.hold_s, self.pause_s = name, hold_s, pause_s
         self.since: float | None = None
 
+    @staticmethod
+    def held_by_parent() -> bool:
+        """Whether the lock is our parent's (``/tmp/hw/timed CMD`` writes its pid there and runs CMD)."""
+        try:
+            return LOCK.read_text().split()[0] == str(os.getppid())
+        except (OSError, IndexError):
+            return False
+
     @contextmanager
     def step(self):
+        if self.held_by_parent():
+            yield
+            return
         if self.since is not None and time.time() - self.since > self.hold_s:
             self.release()
             time.sleep(self.pause_s)
@@ -99,24 +112,57 @@ def median(lat) -> float | None:
     return statistics.median(lat) if lat else None
 
 
-def run_tvm(target, spec: LayerSpec, prec: Precision, config: MeasureConfig) -> dict:
+ROUNDS = 3  # interleaved timing rounds per layer (each ``--repeat / ROUNDS`` samples per row)
+KERNEL_OPS = ("QLinearConv", "Conv", "QGemm", "Gemm", "MatMulInteger", "QLinearMatMul", "FusedConv", "MatMul",
+              "NchwcConv")
+
+
+def build_tvm(target, spec: LayerSpec, prec: Precision) -> dict:
     t0 = time.time()
     build = target.build_layer(spec, prec)
-    build_s = time.time() - t0
-    run = target.run(build, config) if build.error_msg is None else None
-    err = build.error_msg or (run.error_msg if run else None)
-    return {"ms": None if err else median(run.latencies_ms), "build_s": round(build_s, 1), "error": err}
+    return {"target": target, "build": build, "build_s": round(time.time() - t0, 1), "error": build.error_msg,
+            "lat": []}
 
 
-def run_ort(ort, spec: LayerSpec, prec: Precision, config: MeasureConfig) -> dict:
+def build_ort(ort, spec: LayerSpec, prec: Precision) -> dict:
     build = ort.build_layer(spec, prec)
-    run = ort.run(build, config)
-    kernels = ort.kernel_samples(build.artifact, config.warmup + config.repeat)
-    kernel_ms = [median(ms[config.warmup:]) for op, _, ms in kernels if op in ("QLinearConv", "Conv", "QGemm", "Gemm",
-                                                                                "MatMulInteger", "QLinearMatMul",
-                                                                                "FusedConv", "MatMul")]
-    return {"ms": median(run.latencies_ms) if not run.error_msg else None,
-            "kernel_ms": sum(kernel_ms) if kernel_ms else None, "error": run.error_msg}
+    return {"target": ort, "build": build, "error": build.error_msg, "lat": []}
+
+
+def time_interleaved(rows: list[dict], config: MeasureConfig) -> None:
+    """``ROUNDS`` rounds over the built rows in turn; each row's samples land in its ``lat``."""
+    part = MeasureConfig(warmup=config.warmup, repeat=max(1, config.repeat // ROUNDS), number=config.number,
+                         threads=config.threads)
+    for _ in range(ROUNDS):
+        for r in rows:
+            if r["error"] is None:
+                run = r["target"].run(r["build"], part)
+                r["error"] = run.error_msg
+                r["lat"].extend(run.latencies_ms or ())
+
+
+def ort_kernel_ms(ort, r: dict, config: MeasureConfig) -> float | None:
+    """ORT's layer-computing kernels alone (its node profiler), summed."""
+    if r["error"] is not None:
+        return None
+    kernels = ort.kernel_samples(r["build"].artifact, config.warmup + config.repeat)
+    kernel_ms = [median(ms[config.warmup:]) for op, _, ms in kernels if op in KERNEL_OPS]
+    return sum(kernel_ms) if kernel_ms else None
+
+
+def fp32_tuning(target, spec: LayerSpec) -> dict:
+    """The fp32 kernel's tuning record of this layer (tiles, seconds), if it was tuned."""
+    from hwmpq.targets.tvm import fp_tuning, fpconv
+    from hwmpq.targets.tvm.tuning import database_dir
+
+    if target.fp_kernel is None or not fpconv.supports(spec):
+        return {}
+    wl = fpconv.workload_of(spec, list(spec.input_shape), target.fp_kernel.lanes, spec.bias)
+    rec = fp_tuning.load_db(database_dir(target.work_dir, target.preset)).get(wl.key())
+    if rec is None:
+        return {}
+    return {"tvm_fp32_tiles": fpconv.FpTiles(rec["tile_w"], rec["tile_o"], rec["order"]).label(),
+            "tvm_fp32_tune_s": rec["tune_s"], "tvm_fp32_trials": rec["trials"]}
 
 
 def bench_layers(args, specs: list[LayerSpec], lock: TimingLock) -> list[dict]:
@@ -137,18 +183,19 @@ def bench_layers(args, specs: list[LayerSpec], lock: TimingLock) -> list[dict]:
 
 def bench_layer(args, k: int, spec: LayerSpec, untuned, tuned, ort, config: MeasureConfig) -> dict:
     row = {"layer": label(spec), "signature": spec.signature, "macs_m": round(spec.macs / 1e6, 1)}
-    for name, tgt, prec in (("tvm_int8_untuned", untuned, W8A8), ("tvm_int8", tuned, W8A8),
-                            ("tvm_fp32", tuned, FP32)):
-        r = run_tvm(tgt, spec, prec, config)
-        row[f"{name}_ms"], row[f"{name}_build_s"], row[f"{name}_error"] = r["ms"], r["build_s"], r["error"]
+    tvm_rows = {"tvm_int8_untuned": build_tvm(untuned, spec, W8A8), "tvm_int8": build_tvm(tuned, spec, W8A8),
+                "tvm_fp32": build_tvm(tuned, spec, FP32)}
     if args.bitserial and k < args.bitserial:
-        for name, tgt in (("tvm_w2a2_untuned", untuned), ("tvm_w2a2", tuned)):
-            r = run_tvm(tgt, spec, Precision(2, 2), config)
-            row[f"{name}_ms"], row[f"{name}_build_s"], row[f"{name}_error"] = r["ms"], r["build_s"], r["error"]
-    for prec in (W8A8, FP32):
-        r = run_ort(ort, spec, prec, config)
-        tag = "int8" if prec == W8A8 else "fp32"
-        row[f"ort_{tag}_ms"], row[f"ort_{tag}_kernel_ms"] = r["ms"], r["kernel_ms"]
+        tvm_rows["tvm_w2a2_untuned"] = build_tvm(untuned, spec, Precision(2, 2))
+        tvm_rows["tvm_w2a2"] = build_tvm(tuned, spec, Precision(2, 2))
+    ort_rows = {"int8": build_ort(ort, spec, W8A8), "fp32": build_ort(ort, spec, FP32)}
+    order = [tvm_rows["tvm_fp32"], ort_rows["fp32"], tvm_rows["tvm_int8"], ort_rows["int8"]]
+    time_interleaved(order + [r for r in tvm_rows.values() if r not in order], config)
+    for name, r in tvm_rows.items():
+        row[f"{name}_ms"], row[f"{name}_build_s"], row[f"{name}_error"] = median(r["lat"]), r["build_s"], r["error"]
+    row.update(fp32_tuning(tuned, spec))
+    for tag, r in ort_rows.items():
+        row[f"ort_{tag}_ms"], row[f"ort_{tag}_kernel_ms"] = median(r["lat"]), ort_kernel_ms(ort, r, config)
     for tag in ("int8", "fp32"):
         t, o = row[f"tvm_{tag}_ms"], row[f"ort_{tag}_ms"]
         row[f"ratio_{tag}"] = round(t / o, 3) if t and o else None
@@ -161,14 +208,15 @@ def _fmt(v, nd: int = 3) -> str:
 
 LAYER_HEAD = (f"{'layer':22s} {'MMAC':>6s} | {'int8 untuned':>12s} {'int8 tuned':>10s} {'ort int8':>9s} "
               f"{'(kernel)':>9s} {'ratio':>6s} | {'fp32 tuned':>10s} {'ort fp32':>9s} {'(kernel)':>9s} "
-              f"{'ratio':>6s} | {'tune s i8/fp':>12s}")
+              f"{'ratio':>6s} | {'build s i8/fp':>13s} {'fp tiles':>12s} {'fp tune s':>9s}")
 
 
 def _layer_line(r: dict) -> str:
     return (f"{r['layer']:22s} {r['macs_m']:6.1f} | {_fmt(r['tvm_int8_untuned_ms']):>12s} {_fmt(r['tvm_int8_ms']):>10s} "
             f"{_fmt(r['ort_int8_ms']):>9s} {_fmt(r['ort_int8_kernel_ms']):>9s} {_fmt(r['ratio_int8'], 2):>6s} | "
             f"{_fmt(r['tvm_fp32_ms']):>10s} {_fmt(r['ort_fp32_ms']):>9s} {_fmt(r['ort_fp32_kernel_ms']):>9s} "
-            f"{_fmt(r['ratio_fp32'], 2):>6s} | {r['tvm_int8_build_s']:5.0f}/{r['tvm_fp32_build_s']:<6.0f}"
+            f"{_fmt(r['ratio_fp32'], 2):>6s} | {r['tvm_int8_build_s']:6.1f}/{r['tvm_fp32_build_s']:<6.1f} "
+            f"{r.get('tvm_fp32_tiles', '-'):>12s} {_fmt(r.get('tvm_fp32_tune_s'), 1):>9s}"
             + (f" w2a2 {_fmt(r.get('tvm_w2a2_ms'))}" if "tvm_w2a2_ms" in r else "")
             + (f"  {r['tvm_fp32_error'] or r['tvm_int8_error']}"[:160] if r["tvm_fp32_error"] or r["tvm_int8_error"]
                else ""))

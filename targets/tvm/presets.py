@@ -11,6 +11,8 @@ from hwmpq.records import FP32, Precision
 
 from ..base import TargetPrecisions
 from .dot_intrin import DotIntrin, for_target
+from .fpconv import FpKernel
+from .fpconv import for_target as fp_kernel_for
 
 AARCH64_CXX = "aarch64-linux-gnu-g++"
 
@@ -54,6 +56,13 @@ class TvmPreset:
         if self.is_host:
             spec.update(host_cpu_attrs())
         return for_target(spec)
+
+    def fp_kernel(self) -> FpKernel | None:
+        """The fp32 dense conv / linear kernel (fpconv.py) for this preset's vector width, else None (Relax)."""
+        spec = dict(self.target)
+        if self.is_host:
+            spec.update(host_cpu_attrs())
+        return fp_kernel_for(spec)
 
 
 def _arm(mcpu: str | None, mattr: tuple[str, ...], cores: int = 4) -> dict[str, object]:

@@ -35,6 +35,7 @@ class TvmTarget:
         self.id = f"tvm:{self.preset.name}"
         self.precisions: TargetPrecisions = self.preset.precisions
         self.dot_intrin = self.preset.dot_intrin()  # int8 dense conv / linear instruction (None: Relax kernel)
+        self.fp_kernel = self.preset.fp_kernel()  # fp32 dense conv / linear tiled kernel (None: Relax ops)
         self.remote = rpcmod.RemoteSpec(rpc, tracker, key, timeout_s)
         if tune_trials < 0:
             raise ValueError(f"tune_trials must be >= 0, got {tune_trials}")
@@ -56,6 +57,8 @@ class TvmTarget:
             details["tvm_client"] = _tvm_version()
             if self.dot_intrin is not None:  # int8 rows measure that kernel: not comparable with others
                 details["int8_kernel"] = self.dot_intrin.kernel_name
+            if self.fp_kernel is not None:  # likewise the fp32 rows
+                details["fp32_kernel"] = self.fp_kernel.name
             emulated = details.get("emulated_guess") == "True" if self._emulated is None else self._emulated
             details["emulated"] = str(emulated)
             stable = {k: v for k, v in details.items() if k != "emulated_guess"}
@@ -117,7 +120,8 @@ class TvmTarget:
         """Compile ``make() -> (IRModule, inputs)`` once into ``layers/PRESET/name/`` (reused if present)."""
         out = self.work_dir / "layers" / self.preset.name / name
         kernel = f"-{self.dot_intrin.kernel_name}" if self.dot_intrin else ""
-        lib = out / f"t{self.tune_trials}{kernel}.so"  # another int8 kernel or budget: another file
+        kernel += f"-{self.fp_kernel.name}" if self.fp_kernel else ""
+        lib = out / f"t{self.tune_trials}{kernel}.so"  # another int8/fp32 kernel or budget: another file
         try:
             mod, inputs = make()
             if not lib.exists():
@@ -151,6 +155,10 @@ class TvmTarget:
     def _compile_to(self, mod, lib: Path) -> None:
         from .tuning import compile_with_database, tune
 
+        if self.fp_kernel is not None:  # fp32 dense convs / linear: the tiled kernel (rows and exports alike)
+            from .fp_lowering import lower_float_layers
+
+            mod = lower_float_layers(mod, self.fp_kernel)
         if self.tune_trials:
             tune(mod, self.tvm_target, self.preset, self.work_dir, self.tune_trials, tracker=self.remote.tracker,
                  key=self.remote.key, timeout_s=self.timeout_s)

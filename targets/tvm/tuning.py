@@ -5,8 +5,9 @@ On the ``host`` preset candidates run locally (MetaSchedule's LocalRunner). On a
 needs a tracker (its RPCRunner asks a tracker for a device): ``--tracker HOST:PORT --key K``. A direct
 ``--rpc`` connection can profile untuned kernels only. The cost model is ``random`` (xgboost is not
 installed here); with tiny budgets this is a random search over valid schedules.
-The int8 dot-product kernels (dotconv.py) are hand-scheduled and skipped by MetaSchedule; their register
-tiles are tuned by dot_tuning.py (host only) into the same folder, and applied by the same compile.
+The int8 dot-product kernels (dotconv.py) and the fp32 tiled kernels (fpconv.py) are hand-scheduled and
+skipped by MetaSchedule; their register tiles are tuned by dot_tuning.py and fp_tuning.py (host only) into
+the same folder, and applied by the same compile.
 """
 
 from __future__ import annotations
@@ -82,15 +83,17 @@ def tune(mod, target, preset: TvmPreset, work_dir: str | os.PathLike, trials: in
          tracker: str | None = None, key: str | None = None, timeout_s: float = 30.0) -> None:
     """Tune every task of ``mod`` with at most ``trials`` candidates in total; results land in the
     preset's database (already-tuned workloads are measured again only if the budget allows). The
-    dot-product kernels get up to ``trials`` tile candidates each (host only; dot_tuning.py)."""
-    from . import dot_tuning
+    dot-product and fp32 tiled kernels get up to ``trials`` tile candidates each (host only;
+    dot_tuning.py, fp_tuning.py)."""
+    from . import dot_tuning, fp_tuning
 
     if trials <= 0:
         return
     if preset.is_host:
         dot_tuning.tune(mod, target, database_dir(work_dir, preset), trials)
+        fp_tuning.tune(mod, target, database_dir(work_dir, preset), trials)
     mod = prepare_for_tuning(mod)
-    if not _has_unscheduled(mod):  # only dot-product kernels: no MetaSchedule (nor its slow imports)
+    if not _has_unscheduled(mod):  # only hand-scheduled kernels: no MetaSchedule (nor its slow imports)
         return
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.tune import tune_tasks
@@ -115,7 +118,7 @@ def _is_scheduled(func) -> bool:
 
 
 def _scheduled(mod) -> bool:
-    """Whether a task's module holds a function marked ``tirx.is_scheduled`` (a dot-product kernel)."""
+    """Whether a task's module holds a function marked ``tirx.is_scheduled`` (a dot-product or fp32 kernel)."""
     from tvm import tirx
 
     return any(isinstance(f, tirx.PrimFunc) and _is_scheduled(f) for _, f in mod.functions_items())
@@ -142,13 +145,14 @@ def prepare_for_tuning(mod):
 
 def compile_with_database(mod, target, preset: TvmPreset, work_dir: str | os.PathLike | None):
     """``tvm.compile`` with tuned schedules applied where the database has them (DLight elsewhere), and
-    the tuned tiles of the dot-product kernels."""
+    the tuned tiles of the dot-product and fp32 tiled kernels."""
     import tvm
 
-    from . import dot_tuning
+    from . import dot_tuning, fp_tuning
 
     if work_dir is not None:
         mod = dot_tuning.apply_database(mod, database_dir(work_dir, preset))
+        mod = fp_tuning.apply_database(mod, database_dir(work_dir, preset))
     if work_dir is None or not (database_dir(work_dir, preset) / "records.json").exists():
         return tvm.compile(mod, target)
     from tvm.s_tir import meta_schedule as ms
