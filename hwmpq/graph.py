@@ -388,7 +388,7 @@ def max_pool_of(node: fx.Node, modules: dict) -> tuple[int, ...] | None:
         k, s, p, d, ceil, idx = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices
     elif node.op == "call_function" and node.target is F.max_pool2d:
         names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-        a = dict(zip(names[:len(node.args) - 1], node.args[1:])) | dict(node.kwargs)
+        a = dict(zip(names[:len(node.args) - 1], node.args[1:], strict=False)) | dict(node.kwargs)
         k = a.get("kernel_size")
         s, p, d = a.get("stride") or k, a.get("padding", 0), a.get("dilation", 1)
         ceil, idx = a.get("ceil_mode", False), a.get("return_indices", False)

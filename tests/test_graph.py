@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hwmpq.graph import UnsupportedModelError, analyse, layer_graph
@@ -151,3 +152,20 @@ def test_unsupported_models_are_named(model, x, match):
 
 def test_unsupported_error_is_a_value_error():
     assert issubclass(UnsupportedModelError, ValueError)
+
+
+class _FunctionalPool(nn.Module):
+    def __init__(self, **pool) -> None:
+        super().__init__()
+        self.a, self.b, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), pool
+
+    def forward(self, x):
+        return self.b(F.max_pool2d(torch.relu(self.a(x)), 3, 2, 1, **self.pool))
+
+
+def test_edges_carry_the_max_pool_on_their_way():
+    """``Edge.pool`` from a module or a functional max pool; () for one a chain cannot time (ceil mode)."""
+    x = torch.randn(1, 3, 16, 16)
+    (edge,) = analyse(_FunctionalPool(), x)[1]
+    assert (edge.pool, edge.tensor_shape, edge.activation) == ((3, 3, 2, 2, 1, 1), (1, 8, 8, 8), "relu")
+    assert analyse(_FunctionalPool(ceil_mode=True), x)[1][0].pool == ()
