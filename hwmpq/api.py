@@ -260,7 +260,7 @@ def profile(model: nn.Module, example_input: torch.Tensor, *, target: str | Targ
             options: ProfileOptions | None = None) -> ProfileResult:
     """Measure the float ``model``'s layers (each unique signature once, at every precision the target runs),
     their transitions and the per-model constant into the SQLite LUT ``lut``, then (``context``) each
-    layer's kernel inside the model's uniform plans, and build the LatencyTable.
+    layer's kernel inside the model's uniform and mixed context plans, and build the LatencyTable.
 
     An existing LUT is resumed (only what it lacks is measured); one of another device, target or schema is
     refused (``ForeignLutError``; ``ProfileOptions(force=True)`` uses it knowingly). ``config`` defaults to

@@ -134,7 +134,7 @@ def show_command(
     kernels = df[df["kind"] == "kernel"]  # profilers/context.py
     if len(kernels):
         by = kernels.groupby("precision").size()
-        console.print("kernels in context (in a uniform plan and alone, profilers/context.py): "
+        console.print("kernels in context (in the uniform and mixed context plans and alone, profilers/context.py): "
                       + ", ".join(f"{p} {n // 2} layers" for p, n in by.items()))
     if plot:
         try:

@@ -16,7 +16,7 @@
   layer rows include: DQ/ReLU/Q glue, layout changes between integer (NHWC) and float (NCHWc) kernels, lost fusions, cache effects.
 - ``overhead_ms``: the overhead row (one empty session run).
 - in context (lut/context.py, from the kernel rows profilers/context.py measures): each ``layer_ms[l, p]`` plus what the
-  layer's kernel took more inside the model's uniform plan at p than alone.
+  layer's kernel took more inside the model (its uniform plan at p and mixed plans) than alone.
 
 Edges: pass :func:`edges_through_merges` (edges also across residual adds, where the exporter dequantizes
 and requantizes too) for the best fidelity; ``hwmpq.graph.analyse`` edges stop at merges.

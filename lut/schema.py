@@ -18,7 +18,7 @@ SCHEMA_VERSION = 3
 # the oldest version whose rows mean what this version's rows mean: migrate() renumbers them
 OLDEST_UPGRADABLE = 2
 # model: a whole uniform plan timed end to end (a kind the schema accepts; hwmpq writes no such rows);
-# kernel: a layer's kernel inside a uniform plan of the model, or alone (profilers/context.py)
+# kernel: a layer's kernel inside a context plan of the model (uniform or mixed), or alone (profilers/context.py)
 KINDS = ("layer", "transition", "overhead", "model", "kernel")
 
 CONFIG_COLS = ("warmup", "number", "repeat", "min_repeat_ms", "threads", "timeout_s", "statistic", "stable_pct")
