@@ -354,7 +354,7 @@ class _TvmNet(nn.Module):
 
 @pytest.mark.tvm
 @pytest.mark.slow
-def test_tvm_export_with_layer_placement(tmp_path):
+def test_tvm_export_of_a_model_outside_the_zoo(tmp_path):
     pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e .[tvm])")
     from hwmpq.targets.tvm.target import TvmTarget
 
