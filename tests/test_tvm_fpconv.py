@@ -116,3 +116,25 @@ def test_tuned_row_is_stored_reused_exact_and_fingerprinted(tmp_path):
     ((gv, _),) = fp_tuning.kernels_of(low)
     tuned = fp_tuning.apply_database(low, tmp_path / "tuning-host")
     assert str(tuned[gv].attrs[fpconv.TILES_ATTR]) == fp_tuning.tiles_of(rec).label()
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_export_runs_float_layers_on_the_kernel_and_matches_torch(tmp_path, monkeypatch):
+    """An fp32 plan's exported model: its dense convs and linear are lowered to the kernel; verified."""
+    from hwmpq.records import BitPlan
+    from hwmpq.targets.tvm import fp_lowering
+    from hwmpq.zoo import create_model
+
+    lowered = []
+    real = fp_lowering.lower_float_layers
+    monkeypatch.setattr(fp_lowering, "lower_float_layers", lambda m, k: lowered.append(real(m, k)) or lowered[-1])
+    torch.manual_seed(0)
+    model = create_model("test_tiny").eval()
+    x = torch.randn(1, 1, 8, 8)
+    plan = BitPlan.from_dict({n: FP32 for n in ("conv1", "conv2", "dw", "pw", "fc")})
+    res = TvmTarget("host", work_dir=str(tmp_path / "w")).export(model, plan, x, str(tmp_path / "out"))
+    manifest = json.loads(open(res.manifest).read())
+    assert manifest["verified"], manifest["verification"]
+    (mod,) = lowered
+    assert len(fp_tuning.kernels_of(mod)) == 4  # conv1, conv2, pw, fc (dw stays a Relax op)
