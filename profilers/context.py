@@ -161,12 +161,12 @@ def profile_context(model, example_input, specs: Sequence[LayerSpec], edges: Seq
         return 0
     sig = model_signature(specs, edges)
 
-    def timed(name: str, p: Precision | None, plan: BitPlan) -> list[tuple[str, Precision]]:
+    def timed(p: Precision | None, plan: BitPlan) -> list[tuple[str, Precision]]:  # the rows a plan gives
         return [(f, q) for f, q in plan.layers if p is None or q == p]
 
     todo = [(name, p, plan) for name, p, plan in context_plans(specs, target, mixed)
             if any(store.get(KIND, kernel_signature(sig, f, w, name), q, config) is None
-                   for f, q in timed(name, p, plan) for w in WHERE)]
+                   for f, q in timed(p, plan) for w in WHERE)]
     if not todo:
         return 0
     if console is not None:
@@ -218,7 +218,7 @@ def profile_context(model, example_input, specs: Sequence[LayerSpec], edges: Seq
                               "skipped", stacklevel=2)
                 continue
             samples_in = {f: in_model[k] for k, f in enumerate(fqn_of)}
-            for f, q in timed(name, p, plan):
+            for f, q in timed(p, plan):
                 for where, samples in (("in_model", samples_in[f]), ("alone", by_itself[f])):
                     run = RunResult(tuple(samples) if samples else None,
                                     None if samples else "no kernel time (the layer alone did not build or ran no "
