@@ -71,7 +71,7 @@ def profile_command(
     timeout_s: Annotated[float, typer.Option(help="per-job run timeout (enforced by the target)")] = 60.0,
     transitions: Annotated[bool, typer.Option(help="also measure precision transitions")] = True,
     context: Annotated[bool, typer.Option(
-        help="also time each layer's kernel inside the model's uniform plans and alone (targets that trace "
+        help="also time each layer's kernel inside the model's uniform and mixed plans and alone (targets that trace "
              "kernels in whole models: ort-x86), which the latency model adds to the rows (profilers/context.py)")] = True,
     retry_failed: Annotated[bool, typer.Option(help="measure again jobs recorded as failures")] = False,
     max_run_failures: Annotated[int, typer.Option(help="stop after this many run failures in a row (0: never)")] = 5,

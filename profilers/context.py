@@ -1,4 +1,4 @@
-"""Kernels in context, measured: each layer's kernel timed inside the model's uniform plans and alone, so that
+"""Kernels in context, measured: each layer's kernel timed inside the model's uniform and mixed plans and alone, so that
 the latency model (``hwmpq.lut.context``) adds what the whole model costs a layer beyond its row.
 
 Why: a layer row runs the layer back to back, with its weights, input and code in the core's caches; in

@@ -1,5 +1,5 @@
 """Kernels in context (profilers/context.py measures, lut/context.py prices): each layer's kernel timed
-inside the model's uniform plans and alone; the latency model adds the difference to the layer's row."""
+inside the model's uniform and mixed plans and alone; the latency model adds the difference to the layer's row."""
 
 import numpy as np
 import onnx

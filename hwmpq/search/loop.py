@@ -143,7 +143,7 @@ def _profile_missing(cfg: LoopConfig, model, example_input, specs, edges, target
     if report.measured or report.failed:
         _log(f"profiled {report.measured} missing entries into {cfg.lut} ({report.failed} failed)")
     if context_rows:
-        _log("timed the layers' kernels in the model's uniform plans and alone (lut/context.py)")
+        _log("timed the layers' kernels in the model's uniform and mixed plans and alone (lut/context.py)")
 
 
 def restrict_candidates(table, labels: tuple[str, ...]):
