@@ -18,14 +18,14 @@ Conv (any stride, padding, dilation) and linear layers with groups 1 use it.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .dot_intrin import DotIntrin, K, register
 from .int_params import code_dtype
+from .tile_db import ConvWorkload
 
 if TYPE_CHECKING:
     from hwmpq.records import LayerSpec
@@ -46,7 +46,7 @@ def up(v: int, m: int) -> int:
 
 
 @dataclass(frozen=True)
-class DotWorkload:
+class DotWorkload(ConvWorkload):
     """Everything that fixes the kernel's code except the tiles (the tuning database key)."""
 
     intrin: str  # DotIntrin.name
@@ -67,18 +67,6 @@ class DotWorkload:
     def out_dtype(self) -> str:
         return code_dtype(self.out_range)
 
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
-        return ((self.h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (self.w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-
-    def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_key(cls, key: str) -> DotWorkload:
-        d = json.loads(key)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclass(frozen=True)

@@ -2,97 +2,22 @@
 x ``tile_o`` channel blocks) and the loop order (``row`` / ``block``). Each distinct workload is built
 and timed at up to ``trials`` candidates on this machine (~0.3 s each: a 0.1-0.2 s build and 5 timed
 repeats of >= 20 ms); the fastest lands in ``work_dir/tuning-PRESET/fp_tiles.json`` beside the int8
-kernel's ``dot_tiles.json`` and every later build (profiling, export) of that workload uses it.
+kernel's ``dot_tiles.json`` and every later build (profiling, export) of that workload uses it
+(tile_db.py).
 
 Candidates are timed in this process, so tuning measures only the ``host`` preset.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from pathlib import Path
-
 import numpy as np
 
-from hwmpq.records import atomic_write_text
-
 from .fpconv import WORKLOAD_ATTR, FpTiles, FpWorkload, candidate_tiles, kernel_primfunc, pack_weights
-
-DB_FILE = "fp_tiles.json"
-
-
-def _db_path(db_dir: str | os.PathLike) -> Path:
-    return Path(db_dir) / DB_FILE
-
-
-def load_db(db_dir: str | os.PathLike) -> dict[str, dict]:
-    path = _db_path(db_dir)
-    return json.loads(path.read_text()) if path.exists() else {}
+from .tile_db import TileDatabase
 
 
 def tiles_of(rec: dict) -> FpTiles:
     return FpTiles(rec["tile_w"], rec["tile_o"], rec["order"])
-
-
-def kernels_of(mod) -> list[tuple[object, FpWorkload]]:
-    """(global var, workload) of every fp32 tiled kernel in an IRModule."""
-    out = []
-    for gv, func in mod.functions_items():
-        attrs = getattr(func, "attrs", None)
-        if attrs is not None and WORKLOAD_ATTR in attrs:
-            out.append((gv, FpWorkload.from_key(str(attrs[WORKLOAD_ATTR]))))
-    return out
-
-
-def apply_database(mod, db_dir: str | os.PathLike | None):
-    """A copy of ``mod`` with every fp32 kernel rescheduled to its tuned tiles (others unchanged)."""
-    db = load_db(db_dir) if db_dir is not None else {}
-    if not db:
-        return mod
-    mod = mod.clone()
-    for gv, wl in kernels_of(mod):
-        rec = db.get(wl.key())
-        if rec is not None:
-            func = kernel_primfunc(wl, tiles_of(rec))
-            mod[gv] = func.with_attr("global_symbol", str(mod[gv].attrs["global_symbol"]))
-    return mod
-
-
-def tune(mod, target, db_dir: str | os.PathLike, trials: int, *, min_repeat_ms: float = 20.0,
-         repeat: int = 5) -> dict[str, dict]:
-    """Time up to ``trials`` candidates of every untuned fp32 kernel of ``mod`` in this process (one
-    thread) and record the fastest; returns the new records."""
-    db = load_db(db_dir)
-    new = {}
-    for _, wl in kernels_of(mod):
-        if trials <= 0 or wl.key() in db or wl.key() in new:
-            continue
-        new[wl.key()] = tune_workload(wl, target, trials, min_repeat_ms, repeat)
-    if new:
-        db = {**load_db(db_dir), **new}  # re-read: another process may have added workloads meanwhile
-        Path(db_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(_db_path(db_dir), json.dumps(db, indent=1, sort_keys=True))
-    return new
-
-
-def tune_workload(wl: FpWorkload, target, trials: int, min_repeat_ms: float = 20.0, repeat: int = 5) -> dict:
-    """Build and time the first ``trials`` candidates; the record of the fastest (and of every one tried)."""
-    t0 = time.time()
-    tried = []
-    for tiles in candidate_tiles(wl)[:trials]:
-        rec = {"tile_w": tiles.tile_w, "tile_o": tiles.tile_o, "order": tiles.order}
-        try:
-            rec["ms"] = time_kernel(wl, tiles, target, min_repeat_ms, repeat)
-        except Exception as e:  # noqa: BLE001 - a candidate that fails to build is skipped, and said
-            rec["error"] = str(e).splitlines()[0][:200]
-        tried.append(rec)
-    ok = [t for t in tried if "ms" in t]
-    if not ok:
-        raise RuntimeError(f"no tile candidate of {wl} built: {tried}")
-    best = min(ok, key=lambda t: t["ms"])
-    return {**best, "trials": len(tried), "tune_s": round(time.time() - t0, 2), "tried": tried}
 
 
 def kernel_args(wl: FpWorkload, seed: int = 0) -> list[np.ndarray]:
@@ -105,13 +30,8 @@ def kernel_args(wl: FpWorkload, seed: int = 0) -> list[np.ndarray]:
     return [x, pack_weights(w, wl.lanes), *bias, out]
 
 
-def time_kernel(wl: FpWorkload, tiles: FpTiles, target, min_repeat_ms: float = 20.0, repeat: int = 5) -> float:
-    """Median ms of the kernel alone on random data, one thread."""
-    import tvm
-
-    lib = tvm.compile(tvm.IRModule({"main": kernel_primfunc(wl, tiles)}), target).jit()
-    dev = tvm.cpu()
-    tvm.get_global_func("runtime.config_threadpool")(1, 1)
-    tensors = [tvm.runtime.tensor(a, device=dev) for a in kernel_args(wl)]
-    res = lib.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=int(min_repeat_ms))(*tensors)
-    return float(np.median(res.results)) * 1e3
+FP_TILES = TileDatabase(
+    file="fp_tiles.json", workload_attr=WORKLOAD_ATTR, parse=FpWorkload.from_key,
+    candidates=lambda wl: [{"tile_w": t.tile_w, "tile_o": t.tile_o, "order": t.order} for t in candidate_tiles(wl)],
+    primfunc=lambda wl, rec: kernel_primfunc(wl, tiles_of(rec)), args=kernel_args)
+load_db, kernels_of, apply_database, tune = FP_TILES.load, FP_TILES.kernels_of, FP_TILES.apply, FP_TILES.tune

@@ -19,11 +19,12 @@ grouped convs keep the Relax kernel.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .tile_db import ConvWorkload
 
 if TYPE_CHECKING:
     from hwmpq.records import LayerSpec
@@ -69,7 +70,7 @@ def in_block(c: int, lanes: int) -> int:
 
 
 @dataclass(frozen=True)
-class FpWorkload:
+class FpWorkload(ConvWorkload):
     """Everything that fixes the kernel's code except the schedule (the tuning database key)."""
 
     lanes: int
@@ -88,21 +89,9 @@ class FpWorkload:
     kind: str = "fp32-nchwc-" + KERNEL_NAME  # keeps these keys apart from the int8 kernel's
 
     @property
-    def out_hw(self) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
-        return ((self.h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (self.w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-
-    @property
     def c_block(self) -> int:
         return in_block(self.c, self.lanes)
 
-    def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_key(cls, key: str) -> FpWorkload:
-        d = json.loads(key)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclass(frozen=True)
